@@ -1,0 +1,40 @@
+# vmha developer entry points. The two a newcomer needs:
+#   make demo   boot QEMU guests wired to a node agent and watch their heartbeats
+#   make test   lint, type-check and run every test tier (unit, integration, end-to-end)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: dev system-deps lint test unit demo bench clean
+
+$(VENV)/.installed: requirements-dev.txt */pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+dev: $(VENV)/.installed
+
+system-deps:
+	hack/install-system-deps.sh
+
+lint: dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy protocol/src guest/src node-agent/src operator/src testbed/src tests bench
+
+unit: dev
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+test: system-deps lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: system-deps dev
+	$(PY) -m vmha_testbed.demo
+
+bench: system-deps dev
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

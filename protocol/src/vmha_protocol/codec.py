@@ -1,0 +1,128 @@
+"""Base layer (PROTOCOL.md §3): the envelope, and decoding into typed messages.
+
+`decode_from_guest` is what the node agent applies to every frame a guest sends;
+`decode_from_host` is the guest daemon's mirror. Both raise `ProtocolError` and
+nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from vmha_protocol import limits
+from vmha_protocol.addresses import AppGroup, group_of
+from vmha_protocol.errors import ProtocolError
+from vmha_protocol.framing import encode_frame
+from vmha_protocol.heartbeat import (
+    GUEST_HEARTBEAT_ADAPTER,
+    HOST_HEARTBEAT_ADAPTER,
+    GuestHeartbeatMessage,
+    HostHeartbeatMessage,
+)
+from vmha_protocol.server_group import (
+    GUEST_SERVER_GROUP_ADAPTER,
+    HOST_SERVER_GROUP_ADAPTER,
+    GuestServerGroupMessage,
+    HostServerGroupMessage,
+)
+from vmha_protocol.types import max_bytes
+
+M = TypeVar("M")
+
+GuestMessage = GuestHeartbeatMessage | GuestServerGroupMessage
+HostMessage = HostHeartbeatMessage | HostServerGroupMessage
+
+
+@dataclass(frozen=True)
+class Inbound(Generic[M]):
+    """A decoded message and the group address its sender used (to answer on it)."""
+
+    group: AppGroup
+    address: str
+    message: M
+
+
+def decode_from_guest(obj: dict[str, Any]) -> Inbound[GuestMessage]:
+    return _decode(obj, {
+        AppGroup.HEARTBEAT: GUEST_HEARTBEAT_ADAPTER,
+        AppGroup.SERVER_GROUP: GUEST_SERVER_GROUP_ADAPTER,
+    })
+
+
+def decode_from_host(obj: dict[str, Any]) -> Inbound[HostMessage]:
+    return _decode(obj, {
+        AppGroup.HEARTBEAT: HOST_HEARTBEAT_ADAPTER,
+        AppGroup.SERVER_GROUP: HOST_SERVER_GROUP_ADAPTER,
+    })
+
+
+def encode(address: str, message: BaseModel) -> bytes:
+    """Frame an application message in the envelope for `address` (both directions)."""
+    envelope = {
+        "version": limits.BASE_VERSION,
+        "source_addr": address,
+        "dest_addr": address,
+        "data": message.model_dump(mode="json"),
+    }
+    return encode_frame(envelope)
+
+
+_check_address = max_bytes(limits.HEARTBEAT_MAX_VALUE_BYTES)
+
+
+def _decode(obj: dict[str, Any], adapters: dict[AppGroup, TypeAdapter[Any]]) -> Inbound[Any]:
+    address, data = _open_envelope(obj)
+    group = group_of(address)
+    if group is None:
+        raise ProtocolError(f"unknown application group {address!r}")
+    msg_type = data.get("msg_type") if isinstance(data.get("msg_type"), str) else None
+    context = {"group": group, "address": address, "msg_type": msg_type}
+    invocation_id = data.get("invocation_id")
+    if isinstance(invocation_id, int) and not isinstance(invocation_id, bool):
+        context["invocation_id"] = invocation_id
+    if group is AppGroup.HEARTBEAT:
+        _check_heartbeat_size(data, context)
+    try:
+        message = adapters[group].validate_python(data)
+    except ValidationError as exc:
+        raise ProtocolError(_describe(exc), **context) from None
+    return Inbound(group=group, address=address, message=message)
+
+
+def _open_envelope(obj: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    version = obj.get("version")
+    if version != limits.BASE_VERSION or isinstance(version, bool):
+        raise ProtocolError(f"unsupported base layer version {version!r}")
+    dest = obj.get("dest_addr")
+    if not isinstance(dest, str):
+        raise ProtocolError("dest_addr missing or not a string")
+    try:
+        _check_address(dest)
+    except ValueError as exc:
+        raise ProtocolError(f"dest_addr {exc}") from None
+    data = obj.get("data")
+    if not isinstance(data, dict):
+        raise ProtocolError("data missing or not an object", group=group_of(dest), address=dest)
+    return dest, data
+
+
+def _check_heartbeat_size(data: dict[str, Any], context: dict[str, Any]) -> None:
+    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+    if not limits.HEARTBEAT_MIN_MSG_BYTES <= size <= limits.HEARTBEAT_MAX_MSG_BYTES:
+        raise ProtocolError(
+            f"heartbeat message of {size} bytes outside "
+            f"{limits.HEARTBEAT_MIN_MSG_BYTES}..{limits.HEARTBEAT_MAX_MSG_BYTES}",
+            **context,
+        )
+
+
+def _describe(exc: ValidationError) -> str:
+    """A one-line reason from pydantic's errors, short enough for a nack's log_msg."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "message"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
