@@ -47,17 +47,23 @@ class Inbound(Generic[M]):
 
 
 def decode_from_guest(obj: dict[str, Any]) -> Inbound[GuestMessage]:
-    return _decode(obj, {
-        AppGroup.HEARTBEAT: GUEST_HEARTBEAT_ADAPTER,
-        AppGroup.SERVER_GROUP: GUEST_SERVER_GROUP_ADAPTER,
-    })
+    return _decode(
+        obj,
+        {
+            AppGroup.HEARTBEAT: GUEST_HEARTBEAT_ADAPTER,
+            AppGroup.SERVER_GROUP: GUEST_SERVER_GROUP_ADAPTER,
+        },
+    )
 
 
 def decode_from_host(obj: dict[str, Any]) -> Inbound[HostMessage]:
-    return _decode(obj, {
-        AppGroup.HEARTBEAT: HOST_HEARTBEAT_ADAPTER,
-        AppGroup.SERVER_GROUP: HOST_SERVER_GROUP_ADAPTER,
-    })
+    return _decode(
+        obj,
+        {
+            AppGroup.HEARTBEAT: HOST_HEARTBEAT_ADAPTER,
+            AppGroup.SERVER_GROUP: HOST_SERVER_GROUP_ADAPTER,
+        },
+    )
 
 
 def encode(address: str, message: BaseModel) -> bytes:
@@ -79,17 +85,30 @@ def _decode(obj: dict[str, Any], adapters: dict[AppGroup, TypeAdapter[Any]]) -> 
     group = group_of(address)
     if group is None:
         raise ProtocolError(f"unknown application group {address!r}")
-    msg_type = data.get("msg_type") if isinstance(data.get("msg_type"), str) else None
-    context = {"group": group, "address": address, "msg_type": msg_type}
+    msg_type = data.get("msg_type")
     invocation_id = data.get("invocation_id")
-    if isinstance(invocation_id, int) and not isinstance(invocation_id, bool):
-        context["invocation_id"] = invocation_id
+
+    def error(reason: str) -> ProtocolError:
+        # As much context as could be read, so the caller can address a nack.
+        return ProtocolError(
+            reason,
+            group=group,
+            address=address,
+            msg_type=msg_type if isinstance(msg_type, str) else None,
+            invocation_id=invocation_id if type(invocation_id) is int else None,
+        )
+
     if group is AppGroup.HEARTBEAT:
-        _check_heartbeat_size(data, context)
+        size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+        if not limits.HEARTBEAT_MIN_MSG_BYTES <= size <= limits.HEARTBEAT_MAX_MSG_BYTES:
+            raise error(
+                f"heartbeat message of {size} bytes outside "
+                f"{limits.HEARTBEAT_MIN_MSG_BYTES}..{limits.HEARTBEAT_MAX_MSG_BYTES}"
+            )
     try:
         message = adapters[group].validate_python(data)
     except ValidationError as exc:
-        raise ProtocolError(_describe(exc), **context) from None
+        raise error(_describe(exc)) from None
     return Inbound(group=group, address=address, message=message)
 
 
@@ -108,16 +127,6 @@ def _open_envelope(obj: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if not isinstance(data, dict):
         raise ProtocolError("data missing or not an object", group=group_of(dest), address=dest)
     return dest, data
-
-
-def _check_heartbeat_size(data: dict[str, Any], context: dict[str, Any]) -> None:
-    size = len(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-    if not limits.HEARTBEAT_MIN_MSG_BYTES <= size <= limits.HEARTBEAT_MAX_MSG_BYTES:
-        raise ProtocolError(
-            f"heartbeat message of {size} bytes outside "
-            f"{limits.HEARTBEAT_MIN_MSG_BYTES}..{limits.HEARTBEAT_MAX_MSG_BYTES}",
-            **context,
-        )
 
 
 def _describe(exc: ValidationError) -> str:

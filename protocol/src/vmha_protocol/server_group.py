@@ -116,6 +116,4 @@ HostServerGroupMessage = Annotated[
 GUEST_SERVER_GROUP_ADAPTER: TypeAdapter[GuestServerGroupMessage] = TypeAdapter(
     GuestServerGroupMessage
 )
-HOST_SERVER_GROUP_ADAPTER: TypeAdapter[HostServerGroupMessage] = TypeAdapter(
-    HostServerGroupMessage
-)
+HOST_SERVER_GROUP_ADAPTER: TypeAdapter[HostServerGroupMessage] = TypeAdapter(HostServerGroupMessage)

@@ -1,0 +1,69 @@
+"""Where the agent learns which VMs run on its node, and where their channel sockets are.
+
+A `VMSource` is an async stream of `VMAdded`/`VMRemoved` changes. This issue's source is
+static configuration; Kubernetes discovery is another source with the same shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from vmha_node_agent.config import StaticVM
+
+
+@dataclass(frozen=True)
+class VMRef:
+    """Identity of one VM on this node, as reports name it."""
+
+    namespace: str
+    name: str
+    socket_path: Path
+    uid: str = ""
+    labels: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class VMAdded:
+    """A VM appeared, or its details (e.g. the socket path) changed."""
+
+    vm: VMRef
+
+
+@dataclass(frozen=True)
+class VMRemoved:
+    """The VM left this node or was deleted: end its session without a fault."""
+
+    key: tuple[str, str]
+
+
+InventoryChange = VMAdded | VMRemoved
+
+
+class VMSource(Protocol):
+    def changes(self) -> AsyncIterator[InventoryChange]: ...
+
+
+class StaticVMSource:
+    """VMs listed in the agent's configuration; they never change while it runs."""
+
+    def __init__(self, vms: Iterable[StaticVM]) -> None:
+        self._vms = [
+            VMRef(namespace=vm.namespace, name=vm.name, socket_path=vm.socket, uid=vm.uid)
+            for vm in vms
+        ]
+
+    async def changes(self) -> AsyncIterator[InventoryChange]:
+        for vm in self._vms:
+            yield VMAdded(vm)
+        await asyncio.Event().wait()  # static: nothing more will ever change

@@ -1,0 +1,66 @@
+"""Where heartbeat transitions go: every sink sees every transition of every VM."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Protocol
+
+from vmha_node_agent.heartbeat import Transition, TransitionReason
+from vmha_node_agent.inventory import VMRef
+from vmha_node_agent.metrics import AgentMetrics
+
+log = logging.getLogger("vmha.heartbeat")
+
+
+class TransitionSink(Protocol):
+    def report(self, vm: VMRef, change: Transition) -> None: ...
+
+
+class Reporters:
+    """Fan-out to every configured sink; one failing sink never stops the others."""
+
+    def __init__(self, sinks: Iterable[TransitionSink]) -> None:
+        self._sinks = list(sinks)
+
+    def report(self, vm: VMRef, change: Transition) -> None:
+        for sink in self._sinks:
+            try:
+                sink.report(vm, change)
+            except Exception:
+                log.exception("reporting sink %s failed", type(sink).__name__)
+
+
+class LogSink:
+    def report(self, vm: VMRef, change: Transition) -> None:
+        level = logging.WARNING if change.is_fault else logging.INFO
+        log.log(
+            level,
+            "%s: %s → %s (%s)",
+            vm,
+            change.previous,
+            change.current,
+            change.reason,
+            extra={
+                "namespace": vm.namespace,
+                "vm": vm.name,
+                "previous": change.previous.value,
+                "state": change.current.value,
+                "reason": change.reason.value,
+                "detail": change.detail,
+                "fault": change.is_fault,
+            },
+        )
+
+
+class MetricsSink:
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self._metrics = metrics
+
+    def report(self, vm: VMRef, change: Transition) -> None:
+        self._metrics.set_state(vm, change.current)
+        if change.is_fault and change.reason in (
+            TransitionReason.MISSED,
+            TransitionReason.UNHEALTHY,
+        ):
+            self._metrics.faults.labels(vm.namespace, vm.name, change.reason.value).inc()

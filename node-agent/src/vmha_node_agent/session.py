@@ -1,0 +1,205 @@
+"""One session per VM: the channel, the base-layer demultiplexer and the application layers.
+
+Everything a guest sends passes through here first: paced by the channel, reassembled by
+the frame decoder, rate-limited per frame, validated by the protocol package, and only then
+handed to an application layer. Anything wrong is counted and, where the application layer
+is known, answered with a `nack`; nothing a guest sends can raise out of this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from pydantic import BaseModel
+
+from vmha_node_agent.config import AgentConfig
+from vmha_node_agent.heartbeat import (
+    HeartbeatMonitor,
+    HeartbeatState,
+    Transition,
+)
+from vmha_node_agent.inventory import VMRef
+from vmha_node_agent.metrics import AgentMetrics
+from vmha_node_agent.ratelimit import LogThrottle, TokenBucket
+from vmha_node_agent.reporting import TransitionSink
+from vmha_node_agent.transport import GuestChannel
+from vmha_protocol import (
+    AppGroup,
+    FrameDecoder,
+    ProtocolError,
+    decode_from_guest,
+    encode,
+)
+from vmha_protocol.heartbeat import ActionResponse, HeartbeatNack
+from vmha_protocol.limits import HEARTBEAT_MAX_LOG_BYTES, SERVER_GROUP_MAX_LOG_BYTES
+from vmha_protocol.server_group import ServerGroupNack
+from vmha_protocol.types import truncate_utf8
+
+log = logging.getLogger(__name__)
+
+
+class VMSession:
+    def __init__(
+        self,
+        vm: VMRef,
+        config: AgentConfig,
+        metrics: AgentMetrics,
+        sink: TransitionSink,
+    ) -> None:
+        self.vm = vm
+        self._sink = sink
+        self._metrics = metrics
+        labels = (vm.namespace, vm.name)
+        self._challenges = metrics.challenges.labels(*labels)
+        self._missed = metrics.missed.labels(*labels)
+        self._late = metrics.late.labels(*labels)
+        self._rtt = metrics.rtt.labels(*labels)
+        self._last_healthy = metrics.last_healthy.labels(*labels)
+        self._healthy = metrics.responses.labels(*labels, "healthy")
+        self._unhealthy = metrics.responses.labels(*labels, "unhealthy")
+        self._connected = metrics.channel_connected.labels(*labels)
+        self._frames = {
+            result: metrics.guest_frames.labels(*labels, result)
+            for result in ("accepted", "garbage", "oversize", "invalid", "rate_limited")
+        }
+        self._writes_dropped = metrics.writes_dropped.labels(*labels)
+        self._connects = metrics.channel_connects.labels(*labels)
+
+        self._decoder = FrameDecoder()
+        self._frame_budget = TokenBucket(
+            config.guest_limits.frames_per_second, config.guest_limits.frame_burst
+        )
+        self.channel = GuestChannel(vm.socket_path, self, config.channel, config.guest_limits)
+        self.heartbeat = HeartbeatMonitor(
+            config.heartbeat, self._send, self, asyncio.get_running_loop()
+        )
+        self._task: asyncio.Task[None] | None = None
+        # A guest can send many bad messages; our log must not become its megaphone.
+        self._reject_log = LogThrottle(interval_s=5.0)
+        metrics.set_state(vm, self.heartbeat.state)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.channel.run(), name=f"channel {self.vm}")
+
+    async def stop(self, *, vm_removed: bool) -> None:
+        """End the session without a fault (the VM left the node, or the agent stops)."""
+        self.heartbeat.stop(vm_removed=vm_removed)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.channel.close()
+
+    # -- ChannelListener -------------------------------------------------------------------
+
+    def channel_connected(self) -> None:
+        self._decoder.reset()
+        self._connected.set(1)
+        self._connects.inc()
+        log.info("%s: channel connected", self.vm, extra=self._log_fields())
+
+    def channel_lost(self, reason: str) -> None:
+        self._connected.set(0)
+        log.info("%s: channel lost: %s", self.vm, reason, extra=self._log_fields())
+
+    def channel_data(self, data: bytes) -> None:
+        stats = self._decoder.stats
+        before = (stats.garbage, stats.oversize)
+        objects = self._decoder.feed(data)
+        if stats.garbage != before[0]:
+            self._frames["garbage"].inc(stats.garbage - before[0])
+        if stats.oversize != before[1]:
+            self._frames["oversize"].inc(stats.oversize - before[1])
+        for obj in objects:
+            if not self._frame_budget.try_take():
+                self._frames["rate_limited"].inc()
+                continue
+            self._dispatch(obj)
+
+    # -- HeartbeatObserver ----------------------------------------------------------------
+
+    def challenge_sent(self) -> None:
+        self._challenges.inc()
+
+    def response_received(self, health: str, rtt_s: float) -> None:
+        self._rtt.observe(rtt_s)
+        if health == "healthy":
+            self._healthy.inc()
+            self._last_healthy.set(time.time())
+        else:
+            self._unhealthy.inc()
+
+    def challenge_missed(self, consecutive: int) -> None:
+        self._missed.inc()
+
+    def late_response(self) -> None:
+        self._late.inc()
+
+    def action_response(self, message: ActionResponse) -> None:
+        log.info(
+            "%s: action_response %s %s: %s",
+            self.vm, message.event_type, message.vote_result, message.log_msg,
+            extra=self._log_fields(),
+        )  # fmt: skip
+
+    def transition(self, change: Transition) -> None:
+        self._sink.report(self.vm, change)
+
+    # -- internals ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> HeartbeatState:
+        return self.heartbeat.state
+
+    def _dispatch(self, obj: dict[str, Any]) -> None:
+        try:
+            inbound = decode_from_guest(obj)
+            if inbound.group is AppGroup.HEARTBEAT:
+                self.heartbeat.handle(inbound.address, inbound.message)  # type: ignore[arg-type]
+            else:
+                raise ProtocolError(
+                    "server group messaging is not enabled for this VM",
+                    group=inbound.group,
+                    address=inbound.address,
+                    msg_type=inbound.message.msg_type,
+                )
+        except ProtocolError as error:
+            self._frames["invalid"].inc()
+            self._nack(error)
+            return
+        self._frames["accepted"].inc()
+
+    def _nack(self, error: ProtocolError) -> None:
+        if self._reject_log.allow():
+            suppressed = self._reject_log.take_suppressed()
+            more = f" (+{suppressed} more not logged)" if suppressed else ""
+            log.info(
+                "%s: rejected guest message: %s%s", self.vm, error, more, extra=self._log_fields()
+            )
+        if not error.nackable or error.address is None:
+            return
+        nack: BaseModel
+        if error.group is AppGroup.HEARTBEAT:
+            nack = HeartbeatNack(
+                invocation_id=error.invocation_id or 0,
+                log_msg=truncate_utf8(error.reason, HEARTBEAT_MAX_LOG_BYTES),
+            )
+        else:
+            nack = ServerGroupNack(
+                orig_msg_type=truncate_utf8(error.msg_type or "unknown", 32),
+                log_msg=truncate_utf8(error.reason, SERVER_GROUP_MAX_LOG_BYTES),
+            )
+        self._send(error.address, nack)
+
+    def _send(self, address: str, message: BaseModel) -> bool:
+        sent = self.channel.send(encode(address, message))
+        if not sent:
+            self._writes_dropped.inc()
+        return sent
+
+    def _log_fields(self) -> dict[str, str]:
+        return {"namespace": self.vm.namespace, "vm": self.vm.name}
