@@ -217,8 +217,8 @@ async def test_hostile_input_is_counted_nacked_and_harmless(harness: Harness) ->
     assert metric_value(text, "vmha_guest_frames_total", vm="a", result="invalid") == 2.0
     # A flood: the guest's own budget drops it; the agent and the other guest carry on.
     a.send_raw(encode_frame({"version": 1, "dest_addr": "vmha.heartbeat", "data": {}}) * 2000)
-    await wait_until(lambda: harness.agent.metrics.guest_frames.labels("ns", "a", "rate_limited")
-                     ._value.get() > 0)  # fmt: skip
+    stats = harness.agent.sessions[("ns", "a")].stats
+    await wait_until(lambda: stats.frames["rate_limited"] > 0)
     assert harness.state("b") is HeartbeatState.HEALTHY
     await b.wait_for(lambda g: g.count(Challenge) >= 5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -118,12 +119,12 @@ def test_host_messages_round_trip(message: BaseModel) -> None:
 
 
 def test_both_address_families_are_known() -> None:
-    assert KNOWN_ADDRESSES == {
+    assert {
         "cgcs.heartbeat",
         "cgcs.server_grp",
         "vmha.heartbeat",
         "vmha.server_group",
-    }
+    } == KNOWN_ADDRESSES
 
 
 def test_a_message_of_the_other_direction_is_refused() -> None:
@@ -169,10 +170,10 @@ def test_log_message_limit_is_in_bytes() -> None:
 
 
 def test_heartbeat_message_size_bounds() -> None:
-    with pytest.raises(ProtocolError, match="outside 32..1056"):
+    with pytest.raises(ProtocolError, match=r"outside 32\.\.1056"):
         decode_from_guest(envelope("vmha.heartbeat", {"msg_type": "exit"}))
     padded = INIT.model_dump() | {"future_key": "y" * 1000}
-    with pytest.raises(ProtocolError, match="outside 32..1056"):
+    with pytest.raises(ProtocolError, match=r"outside 32\.\.1056"):
         decode_from_guest(envelope("vmha.heartbeat", padded))
 
 
@@ -245,7 +246,7 @@ heartbeat_keys = st.sampled_from(
 
 
 @given(
-    st.sampled_from(sorted(KNOWN_ADDRESSES) + ["bogus"]),
+    st.sampled_from([*sorted(KNOWN_ADDRESSES), "bogus"]),
     st.dictionaries(heartbeat_keys, json_any, max_size=12),
 )
 def test_arbitrary_data_either_decodes_or_raises_protocol_error(
@@ -253,10 +254,8 @@ def test_arbitrary_data_either_decodes_or_raises_protocol_error(
 ) -> None:
     obj = json.loads(json.dumps(envelope(address, data)))
     for decode in (decode_from_guest, decode_from_host):
-        try:
+        with contextlib.suppress(ProtocolError):
             decode(obj)
-        except ProtocolError:
-            pass
 
 
 @given(json_any)
@@ -266,7 +265,5 @@ def test_arbitrary_envelopes_only_raise_protocol_error(value: Any) -> None:
         if isinstance(value, dict)
         else {"version": 1, "dest_addr": "vmha.heartbeat", "data": value}
     )
-    try:
+    with contextlib.suppress(ProtocolError):
         decode_from_guest(obj)
-    except ProtocolError:
-        pass

@@ -14,7 +14,7 @@ from vmha_node_agent.config import AgentConfig
 from vmha_node_agent.doctor import DoctorReporter
 from vmha_node_agent.inventory import InventoryChange, VMAdded, VMRemoved, VMSource
 from vmha_node_agent.metrics import AgentMetrics
-from vmha_node_agent.reporting import LogSink, MetricsSink, Reporters, TransitionSink
+from vmha_node_agent.reporting import LogSink, Reporters, TransitionSink
 from vmha_node_agent.session import VMSession
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class NodeAgent:
             if config.doctor.url
             else None
         )
-        all_sinks: list[TransitionSink] = [MetricsSink(self.metrics), LogSink(), *sinks]
+        all_sinks: list[TransitionSink] = [LogSink(), *sinks]
         if self.doctor is not None:
             all_sinks.append(self.doctor)
         self.reporters = Reporters(all_sinks)
@@ -80,7 +80,6 @@ class NodeAgent:
                     await self._end(vm.key, vm_removed=False)
                 session = VMSession(vm, self.config, self.metrics, self.reporters)
                 self.sessions[vm.key] = session
-                self.metrics.vms.set(len(self.sessions))
                 session.start()
                 log.info(
                     "%s: session started on %s",
@@ -97,7 +96,6 @@ class NodeAgent:
             return
         await session.stop(vm_removed=vm_removed)
         self.metrics.forget(session.vm)
-        self.metrics.vms.set(len(self.sessions))
         log.info("%s: session ended", session.vm, extra={"namespace": key[0], "vm": key[1]})
 
     async def _shutdown(self) -> None:

@@ -1,89 +1,77 @@
 """Prometheus metrics of the node agent (`vmha_*`; per-VM series carry namespace and vm).
 
-Per-VM series are removed when the VM leaves the node, so a node's scrape only ever shows
-the VMs it runs.
+Per-VM numbers are plain counters in a `VMStats` per session, turned into metric families
+only when Prometheus scrapes: a challenge costs a few integer additions, not a dozen locked
+metric updates. A VM's series disappear with its session, so a node's scrape only ever
+shows the VMs it runs.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import bisect
+from collections import Counter as Tally
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from vmha_node_agent.heartbeat import HeartbeatState
 from vmha_node_agent.inventory import VMRef
 
-VM_LABELS = ("namespace", "vm")
-RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+VM_LABELS = ["namespace", "vm"]
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+FRAME_RESULTS = ("accepted", "garbage", "oversize", "invalid", "rate_limited")
+
+
+@dataclass
+class RttHistogram:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(RTT_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(RTT_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running, out = 0, []
+        for bound, count in zip((*RTT_BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
+
+
+@dataclass
+class VMStats:
+    """Everything the agent counts about one VM."""
+
+    state: HeartbeatState = HeartbeatState.WAITING_FOR_INIT
+    challenges: int = 0
+    healthy_responses: int = 0
+    unhealthy_responses: int = 0
+    missed: int = 0
+    late: int = 0
+    rtt: RttHistogram = field(default_factory=RttHistogram)
+    last_healthy: float | None = None
+    faults: Tally[str] = field(default_factory=Tally)
+    frames: Tally[str] = field(default_factory=Tally)
+    connected: bool = False
+    connects: int = 0
+    writes_dropped: int = 0
 
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._vms: dict[tuple[str, str], tuple[VMRef, VMStats]] = {}
+        self.registry.register(_VMCollector(self._vms))
         r = self.registry
-        self.state = Gauge(
-            "vmha_heartbeat_state",
-            "1 for the heartbeat state the VM is in, 0 for the others",
-            [*VM_LABELS, "state"],
-            registry=r,
-        )
-        self.challenges = Counter(
-            "vmha_heartbeat_challenges", "Challenges sent", VM_LABELS, registry=r
-        )
-        self.responses = Counter(
-            "vmha_heartbeat_responses",
-            "Valid challenge responses, by reported health",
-            [*VM_LABELS, "health"],
-            registry=r,
-        )
-        self.missed = Counter(
-            "vmha_heartbeat_missed", "Challenges not answered in time", VM_LABELS, registry=r
-        )
-        self.late = Counter(
-            "vmha_heartbeat_late_responses",
-            "Responses to a challenge that had already been counted as missed",
-            VM_LABELS,
-            registry=r,
-        )
-        self.rtt = Histogram(
-            "vmha_heartbeat_rtt_seconds",
-            "Time from a challenge to its response",
-            VM_LABELS,
-            buckets=RTT_BUCKETS,
-            registry=r,
-        )
-        self.last_healthy = Gauge(
-            "vmha_heartbeat_last_healthy_timestamp_seconds",
-            "Unix time of the last healthy response",
-            VM_LABELS,
-            registry=r,
-        )
-        self.faults = Counter(
-            "vmha_heartbeat_faults", "Faults, by reason", [*VM_LABELS, "reason"], registry=r
-        )
-        self.guest_frames = Counter(
-            "vmha_guest_frames",
-            "Frames from the guest, by result (accepted, garbage, oversize, invalid, rate_limited)",
-            [*VM_LABELS, "result"],
-            registry=r,
-        )
-        self.channel_connected = Gauge(
-            "vmha_channel_connected",
-            "1 while the VM's channel socket is connected",
-            VM_LABELS,
-            registry=r,
-        )
-        self.channel_connects = Counter(
-            "vmha_channel_connects",
-            "Successful connections to the channel socket",
-            VM_LABELS,
-            registry=r,
-        )
-        self.writes_dropped = Counter(
-            "vmha_channel_writes_dropped",
-            "Messages not sent: channel down or the guest not reading",
-            VM_LABELS,
-            registry=r,
-        )
-        self.vms = Gauge("vmha_vms", "VMs the agent has a session for", registry=r)
         self.doctor_reports = Counter(
             "vmha_doctor_reports",
             "Reports to the Doctor inspector, by result (sent, rejected)",
@@ -103,20 +91,120 @@ class AgentMetrics:
         self.doctor_queue = Gauge(
             "vmha_doctor_queue_length", "Reports waiting for the inspector", registry=r
         )
-        self._per_vm = (
-            self.state, self.challenges, self.responses, self.missed, self.late, self.rtt,
-            self.last_healthy, self.faults, self.guest_frames, self.channel_connected,
-            self.channel_connects, self.writes_dropped,
-        )  # fmt: skip
 
-    def set_state(self, vm: VMRef, state: HeartbeatState) -> None:
-        for candidate in HeartbeatState:
-            self.state.labels(vm.namespace, vm.name, candidate.value).set(
-                1 if candidate is state else 0
-            )
+    def track(self, vm: VMRef) -> VMStats:
+        stats = VMStats()
+        self._vms[vm.key] = (vm, stats)
+        return stats
+
+    def stats(self, key: tuple[str, str]) -> VMStats | None:
+        entry = self._vms.get(key)
+        return entry[1] if entry else None
 
     def forget(self, vm: VMRef) -> None:
-        """Remove every series of a VM that left the node."""
-        labels = {"namespace": vm.namespace, "vm": vm.name}
-        for metric in self._per_vm:
-            metric.remove_by_labels(labels)
+        """The VM left the node: its series go with it."""
+        self._vms.pop(vm.key, None)
+
+
+class _VMCollector(Collector):
+    def __init__(self, vms: dict[tuple[str, str], tuple[VMRef, VMStats]]) -> None:
+        self._vms = vms
+
+    def collect(self) -> Iterator[Metric]:
+        vms = list(self._vms.values())
+        yield from _state_families(vms)
+        yield from _counter_families(vms)
+        yield from _channel_families(vms)
+        yield _rtt_family(vms)
+
+
+def _state_families(vms: list[tuple[VMRef, VMStats]]) -> Iterator[Metric]:
+    count = GaugeMetricFamily("vmha_vms", "VMs the agent has a session for")
+    count.add_metric([], len(vms))
+    yield count
+    state = GaugeMetricFamily(
+        "vmha_heartbeat_state",
+        "1 for the heartbeat state the VM is in, 0 for the others",
+        labels=[*VM_LABELS, "state"],
+    )
+    last = GaugeMetricFamily(
+        "vmha_heartbeat_last_healthy_timestamp_seconds",
+        "Unix time of the last healthy response",
+        labels=VM_LABELS,
+    )
+    for vm, stats in vms:
+        for candidate in HeartbeatState:
+            state.add_metric([vm.namespace, vm.name, candidate.value], candidate is stats.state)
+        if stats.last_healthy is not None:
+            last.add_metric([vm.namespace, vm.name], stats.last_healthy)
+    yield state
+    yield last
+
+
+def _counter_families(vms: list[tuple[VMRef, VMStats]]) -> Iterator[Metric]:
+    simple = {
+        "challenges": ("vmha_heartbeat_challenges", "Challenges sent"),
+        "missed": ("vmha_heartbeat_missed", "Challenges not answered in time"),
+        "late": (
+            "vmha_heartbeat_late_responses",
+            "Responses to a challenge that had already been counted as missed",
+        ),
+    }
+    for attribute, (name, text) in simple.items():
+        family = CounterMetricFamily(name, text, labels=VM_LABELS)
+        for vm, stats in vms:
+            family.add_metric([vm.namespace, vm.name], getattr(stats, attribute))
+        yield family
+    responses = CounterMetricFamily(
+        "vmha_heartbeat_responses",
+        "Valid challenge responses, by reported health",
+        labels=[*VM_LABELS, "health"],
+    )
+    faults = CounterMetricFamily(
+        "vmha_heartbeat_faults", "Faults, by reason", labels=[*VM_LABELS, "reason"]
+    )
+    frames = CounterMetricFamily(
+        "vmha_guest_frames",
+        "Frames from the guest, by result (" + ", ".join(FRAME_RESULTS) + ")",
+        labels=[*VM_LABELS, "result"],
+    )
+    for vm, stats in vms:
+        ids = [vm.namespace, vm.name]
+        responses.add_metric([*ids, "healthy"], stats.healthy_responses)
+        responses.add_metric([*ids, "unhealthy"], stats.unhealthy_responses)
+        for reason, count in stats.faults.items():
+            faults.add_metric([*ids, reason], count)
+        for result in FRAME_RESULTS:
+            frames.add_metric([*ids, result], stats.frames[result])
+    yield from (responses, faults, frames)
+
+
+def _channel_families(vms: list[tuple[VMRef, VMStats]]) -> Iterator[Metric]:
+    connected = GaugeMetricFamily(
+        "vmha_channel_connected", "1 while the VM's channel socket is connected", labels=VM_LABELS
+    )
+    connects = CounterMetricFamily(
+        "vmha_channel_connects", "Successful connections to the channel socket", labels=VM_LABELS
+    )
+    dropped = CounterMetricFamily(
+        "vmha_channel_writes_dropped",
+        "Messages not sent: channel down or the guest not reading",
+        labels=VM_LABELS,
+    )
+    for vm, stats in vms:
+        ids = [vm.namespace, vm.name]
+        connected.add_metric(ids, stats.connected)
+        connects.add_metric(ids, stats.connects)
+        dropped.add_metric(ids, stats.writes_dropped)
+    yield from (connected, connects, dropped)
+
+
+def _rtt_family(vms: list[tuple[VMRef, VMStats]]) -> Metric:
+    family = HistogramMetricFamily(
+        "vmha_heartbeat_rtt_seconds", "Time from a challenge to its response", labels=VM_LABELS
+    )
+    for vm, stats in vms:
+        family.add_metric(
+            [vm.namespace, vm.name], stats.rtt.cumulative(), sum_value=stats.rtt.total
+        )
+    return family

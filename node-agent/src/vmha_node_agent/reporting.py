@@ -6,9 +6,8 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
-from vmha_node_agent.heartbeat import Transition, TransitionReason
+from vmha_node_agent.heartbeat import Transition
 from vmha_node_agent.inventory import VMRef
-from vmha_node_agent.metrics import AgentMetrics
 
 log = logging.getLogger("vmha.heartbeat")
 
@@ -51,16 +50,3 @@ class LogSink:
                 "fault": change.is_fault,
             },
         )
-
-
-class MetricsSink:
-    def __init__(self, metrics: AgentMetrics) -> None:
-        self._metrics = metrics
-
-    def report(self, vm: VMRef, change: Transition) -> None:
-        self._metrics.set_state(vm, change.current)
-        if change.is_fault and change.reason in (
-            TransitionReason.MISSED,
-            TransitionReason.UNHEALTHY,
-        ):
-            self._metrics.faults.labels(vm.namespace, vm.name, change.reason.value).inc()

@@ -20,6 +20,7 @@ from vmha_node_agent.heartbeat import (
     HeartbeatMonitor,
     HeartbeatState,
     Transition,
+    TransitionReason,
 )
 from vmha_node_agent.inventory import VMRef
 from vmha_node_agent.metrics import AgentMetrics
@@ -51,23 +52,7 @@ class VMSession:
     ) -> None:
         self.vm = vm
         self._sink = sink
-        self._metrics = metrics
-        labels = (vm.namespace, vm.name)
-        self._challenges = metrics.challenges.labels(*labels)
-        self._missed = metrics.missed.labels(*labels)
-        self._late = metrics.late.labels(*labels)
-        self._rtt = metrics.rtt.labels(*labels)
-        self._last_healthy = metrics.last_healthy.labels(*labels)
-        self._healthy = metrics.responses.labels(*labels, "healthy")
-        self._unhealthy = metrics.responses.labels(*labels, "unhealthy")
-        self._connected = metrics.channel_connected.labels(*labels)
-        self._frames = {
-            result: metrics.guest_frames.labels(*labels, result)
-            for result in ("accepted", "garbage", "oversize", "invalid", "rate_limited")
-        }
-        self._writes_dropped = metrics.writes_dropped.labels(*labels)
-        self._connects = metrics.channel_connects.labels(*labels)
-
+        self.stats = metrics.track(vm)
         self._decoder = FrameDecoder()
         self._frame_budget = TokenBucket(
             config.guest_limits.frames_per_second, config.guest_limits.frame_burst
@@ -79,7 +64,6 @@ class VMSession:
         self._task: asyncio.Task[None] | None = None
         # A guest can send many bad messages; our log must not become its megaphone.
         self._reject_log = LogThrottle(interval_s=5.0)
-        metrics.set_state(vm, self.heartbeat.state)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -98,46 +82,45 @@ class VMSession:
 
     def channel_connected(self) -> None:
         self._decoder.reset()
-        self._connected.set(1)
-        self._connects.inc()
+        self.stats.connected = True
+        self.stats.connects += 1
         log.info("%s: channel connected", self.vm, extra=self._log_fields())
 
     def channel_lost(self, reason: str) -> None:
-        self._connected.set(0)
+        self.stats.connected = False
         log.info("%s: channel lost: %s", self.vm, reason, extra=self._log_fields())
 
     def channel_data(self, data: bytes) -> None:
-        stats = self._decoder.stats
-        before = (stats.garbage, stats.oversize)
+        decoded = self._decoder.stats
+        before = (decoded.garbage, decoded.oversize)
         objects = self._decoder.feed(data)
-        if stats.garbage != before[0]:
-            self._frames["garbage"].inc(stats.garbage - before[0])
-        if stats.oversize != before[1]:
-            self._frames["oversize"].inc(stats.oversize - before[1])
+        frames = self.stats.frames
+        frames["garbage"] += decoded.garbage - before[0]
+        frames["oversize"] += decoded.oversize - before[1]
         for obj in objects:
             if not self._frame_budget.try_take():
-                self._frames["rate_limited"].inc()
+                frames["rate_limited"] += 1
                 continue
             self._dispatch(obj)
 
     # -- HeartbeatObserver ----------------------------------------------------------------
 
     def challenge_sent(self) -> None:
-        self._challenges.inc()
+        self.stats.challenges += 1
 
     def response_received(self, health: str, rtt_s: float) -> None:
-        self._rtt.observe(rtt_s)
+        self.stats.rtt.observe(rtt_s)
         if health == "healthy":
-            self._healthy.inc()
-            self._last_healthy.set(time.time())
+            self.stats.healthy_responses += 1
+            self.stats.last_healthy = time.time()
         else:
-            self._unhealthy.inc()
+            self.stats.unhealthy_responses += 1
 
     def challenge_missed(self, consecutive: int) -> None:
-        self._missed.inc()
+        self.stats.missed += 1
 
     def late_response(self) -> None:
-        self._late.inc()
+        self.stats.late += 1
 
     def action_response(self, message: ActionResponse) -> None:
         log.info(
@@ -147,6 +130,12 @@ class VMSession:
         )  # fmt: skip
 
     def transition(self, change: Transition) -> None:
+        self.stats.state = change.current
+        if change.is_fault and change.reason in (
+            TransitionReason.MISSED,
+            TransitionReason.UNHEALTHY,
+        ):
+            self.stats.faults[change.reason.value] += 1
         self._sink.report(self.vm, change)
 
     # -- internals ------------------------------------------------------------------------
@@ -168,10 +157,10 @@ class VMSession:
                     msg_type=inbound.message.msg_type,
                 )
         except ProtocolError as error:
-            self._frames["invalid"].inc()
+            self.stats.frames["invalid"] += 1
             self._nack(error)
             return
-        self._frames["accepted"].inc()
+        self.stats.frames["accepted"] += 1
 
     def _nack(self, error: ProtocolError) -> None:
         if self._reject_log.allow():
@@ -198,7 +187,7 @@ class VMSession:
     def _send(self, address: str, message: BaseModel) -> bool:
         sent = self.channel.send(encode(address, message))
         if not sent:
-            self._writes_dropped.inc()
+            self.stats.writes_dropped += 1
         return sent
 
     def _log_fields(self) -> dict[str, str]:

@@ -87,9 +87,13 @@ class FrameDecoder:
         objects.append(parsed)
 
 
+# Built once: json.loads with arguments would build a new decoder for every frame.
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _parse_object(line: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+        value = _JSON.decode(line.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return value if isinstance(value, dict) else None

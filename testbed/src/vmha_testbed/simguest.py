@@ -13,10 +13,18 @@ import enum
 import itertools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
-from vmha_protocol import FrameDecoder, HostMessage, ProtocolError, decode_from_host, encode
+from vmha_protocol import (
+    FrameDecoder,
+    HostMessage,
+    ProtocolError,
+    decode_from_host,
+    encode,
+    encode_frame,
+)
 from vmha_protocol.heartbeat import (
     Challenge,
     ChallengeResponse,
@@ -45,6 +53,7 @@ class SimulatedGuest:
         address: str = "vmha.heartbeat",
         corrective_action: CorrectiveAction = "log",
         register: bool = True,
+        lean: bool = False,
     ) -> None:
         self.socket_path = socket_path
         self.name = name
@@ -52,6 +61,9 @@ class SimulatedGuest:
         self.address = address
         self.corrective_action: CorrectiveAction = corrective_action
         self.register = register
+        # Lean: answer challenges without validating or recording anything, so a benchmark
+        # with hundreds of guests measures the agent rather than the simulator.
+        self.lean = lean
         self.behaviour = Behaviour.HEALTHY
         self.log_msg = ""
         self.invocation_id = 0
@@ -138,7 +150,12 @@ class SimulatedGuest:
                 self._writer = None
             await self._notify()
 
-    async def _handle(self, obj: dict[str, object]) -> None:
+    async def _handle(self, obj: dict[str, Any]) -> None:
+        if self.lean:
+            data = obj.get("data")
+            if isinstance(data, dict) and data.get("msg_type") == "challenge":
+                self._answer_lean(data)
+            return
         try:
             message = decode_from_host(obj).message
         except ProtocolError as error:
@@ -158,11 +175,24 @@ class SimulatedGuest:
             ChallengeResponse(
                 invocation_id=challenge.invocation_id,
                 heartbeat_response=challenge.heartbeat_challenge,
-                heartbeat_health=self.behaviour.value,  # type: ignore[arg-type]
+                heartbeat_health=self.behaviour.value,
                 corrective_action=self.corrective_action,
                 log_msg=self.log_msg,
             )
         )
+
+    def _answer_lean(self, data: dict[str, Any]) -> None:
+        if self.behaviour is Behaviour.SILENT or self._writer is None:
+            return
+        body = {
+            "version": 3, "revision": 1, "sequence": 0, "msg_type": "challenge_response",
+            "invocation_id": data["invocation_id"],
+            "heartbeat_response": data["heartbeat_challenge"],
+            "heartbeat_health": self.behaviour.value, "corrective_action": self.corrective_action,
+            "log_msg": self.log_msg,
+        }  # fmt: skip
+        envelope = {"version": 1, "source_addr": self.address, "dest_addr": self.address}
+        self._writer.write(encode_frame(envelope | {"data": body}))
 
     async def _notify(self) -> None:
         async with self._changed:

@@ -1,0 +1,1 @@
+"""Heartbeat benchmark: the real node agent against N simulated guests in another process."""
