@@ -7,7 +7,7 @@ packages=(
   qemu-system-x86      # the end-to-end tier boots real guests under TCG
   linux-image-amd64    # the guests' kernel and virtio modules
   busybox-static       # the guests' userland
-  cpio kmod            # to pack the initramfs and resolve module dependencies
+  kmod binutils        # module dependencies; strip to keep the guest image small
   etcd-server          # the integration tier's control plane
   prometheus           # promtool and a real Prometheus for alert tests
   shellcheck
