@@ -1,0 +1,5 @@
+"""`python -m vmha_operator` is `vmha-operator`."""
+
+from vmha_operator.cli import main
+
+raise SystemExit(main())

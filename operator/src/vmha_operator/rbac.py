@@ -1,0 +1,63 @@
+"""The least-privilege RBAC rules the operator needs, as data (the Helm chart mirrors them;
+an integration test runs the operator under exactly these rules).
+
+All rules are cluster-wide (a ClusterRole): VMGroups and their VMs can be in any namespace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Rule = dict[str, Any]
+
+
+def operator_rules(*, manage_webhooks: bool = False, peering: bool = False) -> list[Rule]:
+    """Rules for `vmha-operator`; `manage_webhooks` for --webhook-manage (development only),
+    `peering` for --peering (cluster-wide kopf peering between replicas)."""
+    rules: list[Rule] = [
+        # Watch groups, write their status.
+        {"apiGroups": ["vmha.io"], "resources": ["vmgroups"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["vmha.io"], "resources": ["vmgroups/status"], "verbs": ["patch"]},
+        # Watch members; patch their templates (placement terms and hook for VMs that joined
+        # while the webhook was not reachable, or after a group change).
+        {
+            "apiGroups": ["kubevirt.io"],
+            "resources": ["virtualmachines"],
+            "verbs": ["get", "list", "watch", "patch"],
+        },
+        {
+            "apiGroups": ["kubevirt.io"],
+            "resources": ["virtualmachineinstances"],
+            "verbs": ["get", "list", "watch"],
+        },
+        # The hook script ConfigMap in every namespace with a group; Events on groups.
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        # kopf follows CRD and namespace changes (it falls back to a one-time scan without).
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "verbs": ["list", "watch"],
+        },
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+    ]
+    if manage_webhooks:
+        rules.append(
+            {
+                "apiGroups": ["admissionregistration.k8s.io"],
+                "resources": [
+                    "mutatingwebhookconfigurations",
+                    "validatingwebhookconfigurations",
+                ],
+                "verbs": ["get", "create", "patch"],
+            }
+        )
+    if peering:
+        rules.append(
+            {
+                "apiGroups": ["kopf.dev"],
+                "resources": ["clusterkopfpeerings"],
+                "verbs": ["get", "list", "watch", "patch"],
+            }
+        )
+    return rules
