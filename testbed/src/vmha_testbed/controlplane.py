@@ -6,10 +6,8 @@ tests need (vmha's `crds/`, KubeVirt's VM/VMI/VMIM, the Prometheus Operator's Se
 and PrometheusRule). There is no controller-manager, scheduler or kubelet: nothing reconciles,
 so tests play the controllers they need (see `create_namespace`).
 
-No process outlives its owner: the servers run in their own sessions (a terminal's Ctrl-C
-reaches only Python, which then stops them in order), get SIGKILL from the kernel when the
-thread that started them dies (PR_SET_PDEATHSIG: start from a long-lived thread, normally the
-main thread), and an atexit handler stops whatever is still running.
+No process outlives its owner (`vmha_testbed.children`: own session, killed by the kernel
+when this process dies), and an atexit handler stops whatever is still running.
 
     python -m vmha_testbed.controlplane   # runs one until Ctrl-C and prints its KUBECONFIG
 """
@@ -20,7 +18,6 @@ import argparse
 import atexit
 import base64
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -44,6 +41,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client import ApiException
 
+from vmha_testbed import children
 from vmha_testbed.pki import CertificateAuthority, IssuedCertificate, SigningKey
 from vmha_testbed.toolchain import REPO_ROOT, Toolchain, ensure_toolchain
 
@@ -95,28 +93,6 @@ class _PortInUse(ControlPlaneError):
     """A port picked as free was taken before a server bound it; worth another attempt."""
 
 
-# --- processes that die with us --------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-_prctl = _libc.prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_prctl.restype = ctypes.c_int
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A preexec_fn: the kernel kills the child when its parent (thread) goes away."""
-
-    def preexec() -> None:
-        if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            os._exit(126)
-        # The parent may have died between fork and prctl; then nobody would ever kill us.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
-
-
 @dataclass
 class _Server:
     name: str
@@ -135,34 +111,12 @@ class _Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        if not self.running:
-            return
-        self._signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
-            self._signal(signal.SIGKILL)
-            self.process.wait()
-
-    def _signal(self, sig: signal.Signals) -> None:
-        # Its own session, so the group id is its pid. Not reaped yet (we are the only
-        # waiter and it was running), so the id cannot belong to anyone else.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, sig)
+        children.stop(self.process, timeout)
 
 
 def _spawn(name: str, argv: Sequence[str], log_path: Path) -> _Server:
     with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            # Only prctl can set a parent-death signal; the function makes two plain syscalls.
-            preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
-        )
+        process = children.spawn(argv, output=log_file)
     log.debug("started %s (pid %d), log %s", name, process.pid, log_path)
     return _Server(name, process, log_path)
 

@@ -5,10 +5,9 @@ virtio-serial ports, each a unix socket on the host where QEMU listens:
 - the messaging port (`vmha.messaging` by default): the socket the node agent connects to;
 - `vmha.testctl`: the guest's test-control service, which runs shell commands (`run`).
 
-QEMU never outlives its owner: it runs in its own process group (a Ctrl-C at the terminal goes
-to the tests, which stop it), it gets SIGKILL when the test process dies (PR_SET_PDEATHSIG, set
-from a spawner thread that lives as long as the process), and an atexit hook kills any guest
-still running. Environment: VMHA_QEMU_KVM=1 uses KVM (`-cpu host`), VMHA_QEMU_CPU overrides the
+QEMU never outlives its owner (`vmha_testbed.children`: own session, killed by the kernel when
+the test process dies), and an atexit hook kills any guest still running.
+Environment: VMHA_QEMU_KVM=1 uses KVM (`-cpu host`), VMHA_QEMU_CPU overrides the
 CPU model (TCG default `max`), VMHA_QEMU the QEMU binary.
 """
 
@@ -17,10 +16,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import base64
-import concurrent.futures
-import contextlib
-import ctypes
-import functools
 import itertools
 import math
 import os
@@ -35,8 +30,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Protocol
+from typing import Protocol
 
+from vmha_testbed import children
 from vmha_testbed.guestimage import GuestImage
 
 KVM_ENV = "VMHA_QEMU_KVM"
@@ -55,9 +51,6 @@ MAX_SOCKET_PATH = 100
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _RESPONSE = re.compile(rb"@@VMHA-TESTCTL (BEGIN|END) (\d+)(?: (-?\d+))?")
-_PR_SET_PDEATHSIG = 1
-# Loaded up front: the child of fork() must not dlopen (another thread may hold its lock).
-_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class GuestVMError(RuntimeError):
@@ -153,9 +146,7 @@ class GuestVM:
         initrd = self.image.initrd_with(self._files, self.workdir / f"{self.name}.initrd.img")
         command = self.qemu_command(initrd)
         with self.qemu_log.open("wb") as qemu_output:
-            # PR_SET_PDEATHSIG fires when the *thread* that forked dies: fork from a thread
-            # that lives as long as this process, whichever thread (or executor) calls us.
-            self._process = _spawner().submit(_spawn, command, qemu_output).result()
+            self._process = children.spawn(command, output=qemu_output)
         self._started_at = time.monotonic()
         _LIVE.add(self)
         try:
@@ -271,25 +262,15 @@ class GuestVM:
 
     def kill(self) -> None:
         """SIGKILL QEMU: to the node agent, a crashed VM."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
+        if self._process is not None:
+            children.kill(self._process)
         self.paused = False
         self._close_testctl()
 
     def stop(self, timeout: float = 15.0) -> None:
         """Terminate QEMU (SIGTERM, SIGKILL after `timeout`); a no-op once it has exited."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGCONT)  # a stopped process acts on no SIGTERM
-                process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if self._process is not None:
+            children.stop(self._process, timeout)
         self.paused = False
         self._close_testctl()
 
@@ -493,30 +474,6 @@ def _process_state(pid: int) -> str:
 def _qemu_value(path: Path) -> str:
     """A path as a value in a QEMU option list, where a comma is written twice."""
     return str(path).replace(",", ",,")
-
-
-@functools.cache
-def _spawner() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vmha-qemu-spawner")
-
-
-def _spawn(command: list[str], output: IO[bytes]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=output,
-        stderr=subprocess.STDOUT,
-        process_group=0,  # a Ctrl-C at the terminal reaches the tests, not QEMU
-        # Safe with threads: the function only calls prctl() and getppid().
-        preexec_fn=functools.partial(_die_with_parent, os.getpid()),  # noqa: PLW1509
-    )
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """In the child before exec: get SIGKILL when the parent dies, even by SIGKILL."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 _LIVE: set[GuestVM] = set()  # started and not closed yet
