@@ -4,6 +4,7 @@ commands), their timeouts, and the monitor's verdict."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -217,7 +218,7 @@ async def test_command_that_overruns_its_timeout_is_killed_with_its_children(
 # -- the runner and the monitor ---------------------------------------------------------------
 
 
-async def test_a_check_stuck_beyond_interval_plus_timeout_counts_as_failed() -> None:
+async def test_a_check_stuck_beyond_its_timeout_counts_as_failed() -> None:
     release = asyncio.Event()
 
     async def stuck() -> CheckResult:
@@ -238,10 +239,33 @@ async def test_a_check_stuck_beyond_interval_plus_timeout_counts_as_failed() -> 
             while monitor.report().healthy:
                 await asyncio.sleep(0.05)
         ((name, why),) = monitor.report().failing
-        assert name == "c" and why.startswith("stuck: no result for ")
+        assert name == "c" and why.startswith("stuck: running for ")
     finally:
         release.set()
         await monitor.stop()
+
+
+async def test_a_check_late_to_run_again_is_not_stuck() -> None:
+    # A paused VM resumes with its clock far ahead: the check's next run is overdue, but
+    # its last result still stands until that run has had its chance.
+    now = [100.0]
+
+    async def passing() -> CheckResult:
+        return CheckResult(True, "fine")
+
+    check = _check(type="command", command=["true"], interval_ms=100, timeout_ms=100)
+    runner = CheckRunner(check, passing, clock=lambda: now[0])
+    task = asyncio.create_task(runner.run())
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while runner.current().detail != "fine":
+                await asyncio.sleep(0.01)
+        now[0] += 60.0
+        assert runner.current() == CheckResult(True, "fine")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_the_monitor_reports_the_failing_checks(tmp_path: Path) -> None:

@@ -5,12 +5,15 @@ its interval, repeat. A challenge never waits for a check; it reads `report()`, 
 uses the latest results:
 
 - a run that exceeds its timeout is cancelled and counts as failed;
-- a check with no new result for longer than interval + timeout (plus a small allowance
-  for scheduling) is stuck and counts as failed, whatever its last result was;
+- a run still going longer than its timeout (plus a small allowance for scheduling) is
+  stuck and counts as failed, whatever the last result was — a probe that ignores its
+  cancellation, or a blocked loop. A check that is merely late to start its next run is
+  not stuck: after the VM was paused the guest's clock jumps ahead, and the first challenge
+  after the resume may be answered before the check had its turn;
 - before its first result a check counts as passing ("no result yet"): there is no
   evidence of a fault yet, and reporting unhealthy at every boot would raise a fault for
   every VM that starts. The stuck rule bounds this: a first run that never finishes
-  counts as failed after interval + timeout.
+  counts as failed after its timeout.
 
 Health is all checks passing; no checks means healthy.
 """
@@ -63,9 +66,9 @@ class CheckRunner:
         self._clock = clock
         self._timeout_s = check.timeout_ms / 1000
         self._interval_s = check.interval_ms / 1000
-        self._stuck_after_s = self._interval_s + self._timeout_s + STUCK_ALLOWANCE_S
+        self._stuck_after_s = self._timeout_s + STUCK_ALLOWANCE_S
         self._latest: CheckResult | None = None
-        self._since = clock()  # when the last result came, or when the runner started
+        self._running_since: float | None = None  # when the run in progress started
         self._reported_stuck = False
 
     @property
@@ -73,9 +76,9 @@ class CheckRunner:
         return self.check.name
 
     async def run(self) -> None:
-        self._since = self._clock()
         task = asyncio.current_task()
         while True:
+            self._running_since = self._clock()
             self._record(await self.run_once())
             if task is not None and task.cancelling():
                 # A probe swallowed our cancellation; it must not keep the runner alive.
@@ -94,17 +97,17 @@ class CheckRunner:
 
     def current(self) -> CheckResult:
         """The result that counts now."""
-        silent_s = self._clock() - self._since
-        if silent_s > self._stuck_after_s:
+        running_s = 0.0 if self._running_since is None else self._clock() - self._running_since
+        if running_s > self._stuck_after_s:
             if not self._reported_stuck:
                 self._reported_stuck = True
-                log.warning("check %s: stuck, no result for %.1f s", self.name, silent_s)
-            return CheckResult(False, f"stuck: no result for {silent_s:.0f} s")
+                log.warning("check %s: stuck, running for %.1f s", self.name, running_s)
+            return CheckResult(False, f"stuck: running for {running_s:.0f} s")
         return self._latest or CheckResult(True, "no result yet")
 
     def _record(self, result: CheckResult) -> None:
         previous, self._latest = self._latest, result
-        self._since = self._clock()
+        self._running_since = None
         self._reported_stuck = False
         if previous is None or previous.ok != result.ok:
             if result.ok:
