@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: dev system-deps lint test unit demo bench clean
+.PHONY: dev system-deps toolchain lint test unit demo bench clean
 
 $(VENV)/.installed: requirements-dev.txt */pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,15 +19,20 @@ dev: $(VENV)/.installed
 system-deps:
 	hack/install-system-deps.sh
 
+# kube-apiserver, kubectl and helm from the Go module proxy, cached in ~/.cache/vmha.
+toolchain:
+	hack/build-toolchain.sh
+
 lint: dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy protocol/src guest/src node-agent/src operator/src testbed/src tests bench
+	shellcheck hack/*.sh .ci/run
 
 unit: dev
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-test: system-deps lint
+test: system-deps lint toolchain
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: system-deps dev

@@ -89,7 +89,7 @@ def test_a_minimal_group_gets_the_defaults(control_plane: ControlPlane, namespac
             "enabled": True,
             "minIntervalMs": 400,
             "maxIntervalMs": 60000,
-            "missedThreshold": 1,
+            "missedThreshold": 3,
             "correctiveAction": "log",
         },
     }

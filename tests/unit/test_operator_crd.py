@@ -77,7 +77,7 @@ def test_defaults_and_rules_come_from_the_models() -> None:
         "enabled": True,
         "minIntervalMs": 400,
         "maxIntervalMs": 60000,
-        "missedThreshold": 1,
+        "missedThreshold": 3,
         "correctiveAction": "log",
     }
     heartbeat = spec["properties"]["heartbeat"]["properties"]

@@ -97,8 +97,8 @@ class HeartbeatSpec(ApiModel):
         description="Longest heartbeat interval a guest may ask for, in milliseconds.",
     )
     missed_threshold: Annotated[int, Field(ge=1, le=100)] = Field(
-        default=1,
-        description="Consecutive missed challenges that make a fault (the original: 1).",
+        default=3,
+        description="Consecutive missed challenges that make a fault.",
     )
     corrective_action: CorrectiveAction = Field(
         default="log",
