@@ -31,6 +31,7 @@ from vmha_protocol.heartbeat import (
     InitAck,
 )
 from vmha_protocol.limits import MAX_BROADCAST_BYTES, MAX_FRAME_BYTES
+from vmha_protocol.nack import NackReason, nack_reason, nack_text
 from vmha_protocol.server_group import (
     GuestBroadcast,
     HostBroadcast,
@@ -267,3 +268,18 @@ def test_arbitrary_envelopes_only_raise_protocol_error(value: Any) -> None:
     )
     with contextlib.suppress(ProtocolError):
         decode_from_guest(obj)
+
+
+@pytest.mark.parametrize("reason", list(NackReason))
+def test_nack_reason_round_trips_through_log_msg(reason: NackReason) -> None:
+    text = nack_text(reason, "details: with a colon", limit=224)
+    assert nack_reason(text) is reason
+    assert text.startswith(reason.value + ": ")
+
+
+def test_nack_text_is_cut_to_the_limit_and_foreign_text_has_no_reason() -> None:
+    assert len(nack_text(NackReason.INVALID, "é" * 300, limit=224).encode()) <= 224
+    assert nack_reason("could not parse message") is None
+    assert nack_reason("bogus-code: x") is None
+    assert NackReason.NOT_REGISTERED.asks_to_register
+    assert not NackReason.RATE_LIMITED.asks_to_register
