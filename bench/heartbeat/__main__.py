@@ -19,8 +19,6 @@ import math
 import os
 import platform
 import random
-import signal
-import socket
 import sys
 import tempfile
 import time
@@ -30,9 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import yaml
-
+from vmha_testbed.agentproc import NodeAgentProcess, Sample
 from vmha_testbed.inspector import InspectorServer
 
 MISSED_THRESHOLD = 3
@@ -50,6 +46,8 @@ class Result:
     detection_p50_ms: float
     detection_p99_ms: float
     detection_samples: int
+    undetected: int
+    false_faults: int
     detection_bound_ms: float
 
 
@@ -85,79 +83,37 @@ async def simulator(directory: Path, count: int, interval_ms: int) -> AsyncItera
         await process.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def agent(
-    directory: Path, count: int, inspector_url: str
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    port = free_port()
-    config = {
+def agent_config(directory: Path, count: int, inspector_url: str) -> dict[str, Any]:
+    return {
         "node_name": "bench",
         "heartbeat": {"min_interval_ms": 50, "missed_threshold": MISSED_THRESHOLD},
-        "metrics": {"address": "127.0.0.1", "port": port},
-        "doctor": {"url": inspector_url, "retry_initial_s": 0.1},
-        # The simulated guests are well-behaved; lift the per-guest input budget out of the way.
+        "doctor": {"url": inspector_url, "retry_initial_s": 0.1, "queue_size": 10000},
         "vms": [
             {"name": f"g{i}", "namespace": "bench", "socket": str(directory / f"g{i}.sock")}
             for i in range(count)
         ],
     }
-    path = directory / "agent.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vmha_node_agent", "--config", str(path), "--log-level", "error"
-    )
-    try:
-        yield process, port
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
 
 
-async def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as r:
-        text = await r.text()
-    samples = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, value = line.rsplit(" ", 1)
-        name, _, rest = head.partition("{")
-        labels = dict(part.split("=", 1) for part in rest.rstrip("}").split(",") if "=" in part)
-        samples.append((name, {k: v.strip('"') for k, v in labels.items()}, float(value)))
-    return samples
-
-
-async def wait_registered(port: int, count: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(aiohttp.ClientError):
+async def wait_registered(agent: NodeAgentProcess, count: int, timeout: float = 120) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
             healthy = sum(
                 1
-                for name, labels, value in await scrape(port)
-                if name == "vmha_heartbeat_state" and labels["state"] == "healthy" and value
+                for name, labels, value in await agent.samples()
+                if name == "vmha_heartbeat_state" and ("state", "healthy") in labels and value
             )
             if healthy == count:
                 return
-        await asyncio.sleep(0.5)
-    raise TimeoutError(f"not all {count} guests registered")
+            await asyncio.sleep(0.5)
 
 
-def rtt_buckets(samples: list[tuple[str, dict[str, str], float]]) -> dict[float, float]:
+def rtt_buckets(samples: list[Sample]) -> dict[float, float]:
     """Cumulative RTT bucket counts summed over every VM."""
     buckets: dict[float, float] = {}
     for name, labels, value in samples:
         if name == "vmha_heartbeat_rtt_seconds_bucket":
-            bound = math.inf if labels["le"] == "+Inf" else float(labels["le"])
+            bound = float(dict(labels)["le"])  # "+Inf" parses as inf
             buckets[bound] = buckets.get(bound, 0.0) + value
     return buckets
 
@@ -196,37 +152,59 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
+@dataclass
+class Detection:
+    latencies_ms: list[float]
+    undetected: int  # stalled guests whose fault was not reported within the bound + 5 s
+    false_faults: int  # faults reported for guests that were not stalled
+
+
+def last_status(inspector: InspectorServer) -> dict[str, str]:
+    status: dict[str, str] = {}
+    for event in inspector.events:
+        status[event["details"]["vm"]] = event["details"]["status"]
+    return status
+
+
 async def measure_detection(
     sim: Simulator, inspector: InspectorServer, count: int, interval_ms: int, target: int
-) -> list[float]:
-    """Stall guests at random phases, one batch per round, and time their fault reports."""
-    latencies: list[float] = []
+) -> Detection:
+    """Stall healthy guests at random phases, a batch per round, and time their fault reports."""
+    result = Detection([], 0, 0)
     per_round = max(1, min(count // 5, target))
-    names = [f"g{i}" for i in range(count)]
-    while len(latencies) < target:
-        chosen = random.sample(names, per_round)
+    bound_s = interval_ms / 1000 * (MISSED_THRESHOLD + 1) + 5
+    stalled_ever: set[str] = set()
+    while len(result.latencies_ms) + result.undetected < target:
+        down = {vm for vm, status in last_status(inspector).items() if status == "down"}
+        candidates = [f"g{i}" for i in range(count) if f"g{i}" not in down]
+        chosen = random.sample(candidates, min(per_round, len(candidates)))
+        seen = len(inspector.events)
         stalled: dict[str, float] = {}
         for name in chosen:  # spread over one interval: every phase of the challenge cycle
             await asyncio.sleep(random.uniform(0, interval_ms / 1000 / per_round))
             stalled |= (await sim.call({"stall": [name]}))["stalled"]
-        seen = len(inspector.events)
-        bound_s = interval_ms / 1000 * (MISSED_THRESHOLD + 2) + 5
-        async with asyncio.timeout(bound_s + 10):
-            while True:
-                downs = {
-                    e["details"]["vm"]: e
-                    for e in inspector.events[seen:]
-                    if e["details"]["status"] == "down" and e["details"]["vm"] in stalled
-                }
-                if len(downs) == len(stalled):
-                    break
-                await asyncio.sleep(0.05)
-        for name, event in downs.items():
+        stalled_ever |= stalled.keys()
+        reports: dict[str, dict[str, Any]] = {}
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bound_s):
+                while len(reports) < len(stalled):
+                    for event in inspector.events[seen:]:
+                        vm = event["details"]["vm"]
+                        if vm in stalled and event["details"]["status"] == "down":
+                            reports.setdefault(vm, event)
+                    await asyncio.sleep(0.05)
+        for name, event in reports.items():
             fault_time = datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
-            latencies.append((fault_time - stalled[name]) * 1000)
+            result.latencies_ms.append((fault_time - stalled[name]) * 1000)
+        result.undetected += len(stalled) - len(reports)
         await sim.call({"resume": chosen})
         await asyncio.sleep(interval_ms / 1000 * 3)  # let them recover before the next round
-    return latencies
+    result.false_faults = sum(
+        1
+        for event in inspector.events
+        if event["details"]["status"] == "down" and event["details"]["vm"] not in stalled_ever
+    )
+    return result
 
 
 async def run_case(count: int, interval_ms: int, window_s: float, samples: int) -> Result:
@@ -235,22 +213,29 @@ async def run_case(count: int, interval_ms: int, window_s: float, samples: int) 
     try:
         with tempfile.TemporaryDirectory(prefix="vmha-bench-") as tmp:
             directory = Path(tmp)
-            async with (
-                simulator(directory, count, interval_ms) as sim,
-                agent(directory, count, inspector.url) as (process, port),
-            ):
-                await wait_registered(port, count)
-                await asyncio.sleep(max(2.0, 3 * interval_ms / 1000))  # warm-up
-                before_rtt = rtt_buckets(await scrape(port))
-                cpu_before, t_before = cpu_seconds(process.pid), time.monotonic()
-                await asyncio.sleep(window_s)
-                cpu_after, t_after = cpu_seconds(process.pid), time.monotonic()
-                after_rtt = rtt_buckets(await scrape(port))
-                memory = rss_mib(process.pid)
-                window_rtt = {b: after_rtt[b] - before_rtt.get(b, 0) for b in after_rtt}
-                latencies = await measure_detection(sim, inspector, count, interval_ms, samples)
+            agent = NodeAgentProcess(
+                agent_config(directory, count, inspector.url),
+                directory / "agent",
+                args=("--log-level", "error"),
+            )
+            async with simulator(directory, count, interval_ms) as sim:
+                await agent.start()
+                try:
+                    await wait_registered(agent, count)
+                    await asyncio.sleep(max(2.0, 3 * interval_ms / 1000))  # warm-up
+                    before_rtt = rtt_buckets(await agent.samples())
+                    cpu_before, t_before = cpu_seconds(agent.pid), time.monotonic()
+                    await asyncio.sleep(window_s)
+                    cpu_after, t_after = cpu_seconds(agent.pid), time.monotonic()
+                    after_rtt = rtt_buckets(await agent.samples())
+                    memory = rss_mib(agent.pid)
+                    window_rtt = {b: after_rtt[b] - before_rtt.get(b, 0) for b in after_rtt}
+                    detection = await measure_detection(sim, inspector, count, interval_ms, samples)
+                finally:
+                    await agent.stop()
     finally:
         await inspector.stop()
+    latencies = detection.latencies_ms or [math.nan]
     return Result(
         guests=count,
         interval_ms=interval_ms,
@@ -260,7 +245,9 @@ async def run_case(count: int, interval_ms: int, window_s: float, samples: int) 
         rtt_p99_ms=round(1000 * bucket_quantile(0.99, window_rtt), 2),
         detection_p50_ms=round(percentile(latencies, 0.5)),
         detection_p99_ms=round(percentile(latencies, 0.99)),
-        detection_samples=len(latencies),
+        detection_samples=len(detection.latencies_ms),
+        undetected=detection.undetected,
+        false_faults=detection.false_faults,
         detection_bound_ms=interval_ms * (MISSED_THRESHOLD + 1) + 50,
     )
 
@@ -280,14 +267,15 @@ def machine() -> str:
 def table(results: list[Result]) -> str:
     rows = [
         "| guests | interval | agent CPU (% of one core) | RSS (MiB) | RTT p50 / p99 (ms) "
-        "| detection p50 / p99 (ms) | bound (ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| detection p50 / p99 (ms) | bound (ms) | undetected | false faults |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         rows.append(
             f"| {r.guests} | {r.interval_ms} ms | {r.cpu_percent} | {r.rss_mib} "
             f"| {r.rtt_p50_ms} / {r.rtt_p99_ms} | {r.detection_p50_ms} / {r.detection_p99_ms} "
-            f"(n={r.detection_samples}) | {r.detection_bound_ms:.0f} |"
+            f"(n={r.detection_samples}) | {r.detection_bound_ms:.0f} | {r.undetected} "
+            f"| {r.false_faults} |"
         )
     return "\n".join(rows)
 
