@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 from aiohttp import web
 
@@ -19,6 +20,21 @@ from vmha_node_agent.session import VMSession
 
 log = logging.getLogger(__name__)
 
+SessionKey = tuple[str, str]
+
+
+class Service(Protocol):
+    """Something that runs alongside the sessions (a watch, a delivery queue)."""
+
+    async def run(self) -> None: ...
+
+
+@runtime_checkable
+class Drainable(Protocol):
+    """A service with queued work worth delivering at shutdown."""
+
+    async def drain(self, timeout_s: float) -> None: ...
+
 
 class NodeAgent:
     def __init__(
@@ -28,10 +44,17 @@ class NodeAgent:
         *,
         metrics: AgentMetrics | None = None,
         sinks: Sequence[TransitionSink] = (),
+        services: Sequence[Service] = (),
+        sessions: dict[SessionKey, VMSession] | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`sessions`: the dict to keep sessions in, for components that need to reach a
+        VM's session (corrective actions give the guest notice through it)."""
         self.config = config
         self.metrics = metrics or AgentMetrics()
         self._sources = list(sources)
+        self._services = list(services)
+        self._ready = ready
         self.doctor = (
             DoctorReporter(config.doctor, config.node_name, self.metrics)
             if config.doctor.url
@@ -41,14 +64,14 @@ class NodeAgent:
         if self.doctor is not None:
             all_sinks.append(self.doctor)
         self.reporters = Reporters(all_sinks)
-        self.sessions: dict[tuple[str, str], VMSession] = {}
+        self.sessions: dict[SessionKey, VMSession] = {} if sessions is None else sessions
         self.metrics_port: int | None = None
         self._runner: web.AppRunner | None = None
 
     async def run(self) -> None:
         """Run until cancelled; on cancellation, close every session cleanly."""
         self._runner = await endpoints.serve(
-            endpoints.make_app(self.metrics.registry),
+            endpoints.make_app(self.metrics.registry, ready=self._ready),
             self.config.metrics.address,
             self.config.metrics.port,
         )
@@ -61,6 +84,8 @@ class NodeAgent:
             async with asyncio.TaskGroup() as tasks:
                 for source in self._sources:
                     tasks.create_task(self._follow(source))
+                for service in self._services:
+                    tasks.create_task(service.run(), name=type(service).__name__)
                 if self.doctor is not None:
                     tasks.create_task(self.doctor.run())
         finally:
@@ -75,6 +100,7 @@ class NodeAgent:
             case VMAdded(vm):
                 existing = self.sessions.get(vm.key)
                 if existing is not None and existing.vm == vm:
+                    existing.update(vm)  # same VM and socket; maybe a new policy
                     return
                 if existing is not None:  # e.g. a new socket path after a restart
                     await self._end(vm.key, vm_removed=False)
@@ -90,7 +116,7 @@ class NodeAgent:
             case VMRemoved(key):
                 await self._end(key, vm_removed=True)
 
-    async def _end(self, key: tuple[str, str], *, vm_removed: bool) -> None:
+    async def _end(self, key: SessionKey, *, vm_removed: bool) -> None:
         session = self.sessions.pop(key, None)
         if session is None:
             return
@@ -101,8 +127,15 @@ class NodeAgent:
     async def _shutdown(self) -> None:
         for key in list(self.sessions):
             await self._end(key, vm_removed=False)
+        # Queued reports still worth delivering: in parallel, each within its own bound.
+        pending = [
+            service.drain(self.config.kubernetes.drain_timeout_s)
+            for service in self._services
+            if isinstance(service, Drainable)
+        ]
         if self.doctor is not None:
-            await self.doctor.drain(self.config.doctor.drain_timeout_s)
+            pending.append(self.doctor.drain(self.config.doctor.drain_timeout_s))
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._runner is not None:
             with contextlib.suppress(Exception):
                 await self._runner.cleanup()

@@ -10,17 +10,22 @@ from typing import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vmha_protocol.heartbeat import CorrectiveAction
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class HeartbeatPolicy(_Section):
-    """Bounds the agent puts on what guests ask for, and when a silence becomes a fault."""
+    """Bounds the agent puts on what guests ask for, when a silence becomes a fault, and what
+    to do about a fault. The agent's defaults; a VMGroup and per-VM annotations override them
+    for VMs found in Kubernetes (see `policy.py`)."""
 
     min_interval_ms: Annotated[int, Field(ge=10)] = 100
     max_interval_ms: Annotated[int, Field(ge=10)] = 60_000
     missed_threshold: Annotated[int, Field(ge=1, le=100)] = 3
+    corrective_action: CorrectiveAction = "log"
 
     @model_validator(mode="after")
     def _ordered(self) -> HeartbeatPolicy:
@@ -73,6 +78,60 @@ class MetricsConfig(_Section):
     port: Annotated[int, Field(ge=0, le=65535)] = 9810
 
 
+class KubernetesConfig(_Section):
+    """Discovery of VMs and reporting through the Kubernetes API."""
+
+    # None: on when a kubeconfig is given or the agent runs in a pod (in-cluster config).
+    enabled: bool | None = None
+    kubeconfig: Path | None = None
+    # Where the host's kubelet keeps its pods (the chart mounts it at the same path).
+    kubelet_root: Path = Path("/var/lib/kubelet")
+    # How often VMs waiting for their channel socket are looked at again (one stat each).
+    socket_poll_s: Annotated[float, Field(gt=0)] = 0.5
+    request_timeout_s: Annotated[float, Field(gt=0)] = 20.0
+    # Server-side end of each watch request; the watch resumes from where it stopped.
+    watch_timeout_s: Annotated[int, Field(ge=10)] = 300
+    retry_initial_s: Annotated[float, Field(gt=0)] = 0.5
+    retry_max_s: Annotated[float, Field(gt=0)] = 30.0
+    # Writes (Events, annotations, actions) share one budget, so a storm of faults cannot
+    # turn into a storm of requests.
+    write_qps: Annotated[float, Field(gt=0)] = 10.0
+    write_burst: Annotated[int, Field(ge=1)] = 50
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 5.0
+
+    def wanted(self) -> bool:
+        if self.enabled is not None:
+            return self.enabled
+        return self.kubeconfig is not None or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+class EventsConfig(_Section):
+    """Kubernetes Events on the VMI (events.k8s.io/v1)."""
+
+    # Events waiting while the API is unreachable; beyond this the oldest is dropped.
+    queue_size: Annotated[int, Field(ge=1)] = 1000
+    # A repeat of the same Event updates its series at most this often.
+    series_update_s: Annotated[float, Field(ge=0)] = 30.0
+    # A repeat after this long starts a new Event instead of extending the series.
+    series_window_s: Annotated[float, Field(gt=0)] = 1800.0
+    # Series remembered at most (the least recently seen are forgotten first).
+    max_series: Annotated[int, Field(ge=1)] = 10_000
+
+
+class CorrectiveActionsConfig(_Section):
+    """Limits on disruptive corrective actions (reboot, stop); `log` is never limited."""
+
+    # At most one action per VM in this time, whatever its faults.
+    per_vm_interval_s: Annotated[float, Field(ge=0)] = 600.0
+    # At most `per_node_limit` actions on this node in any `per_node_window_s`.
+    per_node_limit: Annotated[int, Field(ge=0)] = 3
+    per_node_window_s: Annotated[float, Field(gt=0)] = 600.0
+    # The guest's notice time is honoured up to this long.
+    max_notice_s: Annotated[float, Field(ge=0)] = 60.0
+    # An action the API did not accept is retried for this long.
+    retry_for_s: Annotated[float, Field(ge=0)] = 60.0
+
+
 class StaticVM(_Section):
     """A VM given by configuration (no Kubernetes): its identity and channel socket."""
 
@@ -91,6 +150,9 @@ class AgentConfig(_Section):
     channel: ChannelPolicy = ChannelPolicy()
     doctor: DoctorConfig = DoctorConfig()
     metrics: MetricsConfig = MetricsConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
+    events: EventsConfig = EventsConfig()
+    corrective_actions: CorrectiveActionsConfig = CorrectiveActionsConfig()
     vms: list[StaticVM] = []
 
 

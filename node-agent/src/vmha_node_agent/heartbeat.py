@@ -26,10 +26,12 @@ from pydantic import BaseModel
 from vmha_node_agent.config import HeartbeatPolicy
 from vmha_protocol import AppGroup, ProtocolError
 from vmha_protocol.heartbeat import (
+    ActionNotify,
     ActionResponse,
     Challenge,
     ChallengeResponse,
     CorrectiveAction,
+    EventType,
     Exit,
     GuestHeartbeatMessage,
     Init,
@@ -73,6 +75,17 @@ class Registration:
     suspend_notice_secs: int
     resume_notice_secs: int
     restart_secs: int
+
+    def notice_secs(self, event_type: EventType) -> int:
+        """The notice the guest asked for before `event_type` (stop and reboot both shut the
+        guest down; the original host used the shutdown notice for both)."""
+        if event_type in ("stop", "reboot"):
+            return self.shutdown_notice_secs
+        if event_type in ("suspend", "pause"):
+            return self.suspend_notice_secs
+        if event_type in ("resume", "unpause"):
+            return self.resume_notice_secs
+        return 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,38 @@ class HeartbeatMonitor:
         self._cancel_timer()
         if vm_removed and self.state in REGISTERED_STATES:
             self._enter(HeartbeatState.DEREGISTERED, TransitionReason.REMOVED, "VM removed")
+
+    def update_policy(self, policy: HeartbeatPolicy) -> None:
+        """Apply new bounds and threshold to the running session. The challenge already
+        scheduled keeps its time; the new interval counts from the next challenge, the new
+        threshold from the next miss."""
+        if policy == self._policy:
+            return
+        self._policy = policy
+        self._recent = deque(self._recent, maxlen=policy.missed_threshold + 1)
+        registration = self.registration
+        if registration is not None:
+            interval_ms = policy.clamp_interval_ms(registration.requested_interval_ms)
+            if interval_ms != registration.interval_ms:
+                self.registration = replace(registration, interval_ms=interval_ms)
+
+    def notify_action(self, event_type: EventType, timeout_ms: int) -> bool:
+        """Tell a registered guest that `event_type` is coming, irrevocably, in `timeout_ms`.
+        False when it is not registered or the message could not be sent."""
+        if self.registration is None or self.state not in REGISTERED_STATES:
+            return False
+        notice = ActionNotify(
+            invocation_id=self.registration.invocation_id,
+            sequence=self._seq(),
+            event_type=event_type,
+            notification_type="irrevocable",
+            timeout_ms=timeout_ms,
+        )
+        return self._send(self.registration.address, notice)
+
+    @property
+    def policy(self) -> HeartbeatPolicy:
+        return self._policy
 
     def narrow_action(self, action: CorrectiveAction) -> None:
         """Record the corrective action the guest now asks for (sent with each response)."""

@@ -1,7 +1,7 @@
 """Where the agent learns which VMs run on its node, and where their channel sockets are.
 
-A `VMSource` is an async stream of `VMAdded`/`VMRemoved` changes. This issue's source is
-static configuration; Kubernetes discovery is another source with the same shape.
+A `VMSource` is an async stream of `VMAdded`/`VMRemoved` changes: static configuration here,
+Kubernetes discovery in `discovery.py`.
 """
 
 from __future__ import annotations
@@ -12,18 +12,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from vmha_node_agent.config import StaticVM
+from vmha_node_agent.config import HeartbeatPolicy, StaticVM
+
+STATIC = "static"
+KUBERNETES = "kubernetes"
 
 
 @dataclass(frozen=True)
 class VMRef:
-    """Identity of one VM on this node, as reports name it."""
+    """Identity of one VM on this node, as reports name it.
+
+    `policy` (None: the agent's configured one) and the other fields excluded from
+    comparison can change under a running session; a change of the others means a new
+    session.
+    """
 
     namespace: str
     name: str
     socket_path: Path
     uid: str = ""
     labels: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    policy: HeartbeatPolicy | None = field(default=None, compare=False)
+    # Which source found it: Kubernetes reporters only speak about VMIs.
+    origin: str = field(default=STATIC, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -35,7 +46,8 @@ class VMRef:
 
 @dataclass(frozen=True)
 class VMAdded:
-    """A VM appeared, or its details (e.g. the socket path) changed."""
+    """A VM appeared, or its details changed: a new socket path (a new session), or only
+    its policy (applied to the running session)."""
 
     vm: VMRef
 

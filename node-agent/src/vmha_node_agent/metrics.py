@@ -13,7 +13,7 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -90,6 +90,84 @@ class AgentMetrics:
         )
         self.doctor_queue = Gauge(
             "vmha_doctor_queue_length", "Reports waiting for the inspector", registry=r
+        )
+        self._kubernetes_metrics(r)
+
+    def _kubernetes_metrics(self, r: CollectorRegistry) -> None:
+        self.kube_requests = Counter(
+            "vmha_kube_requests",
+            "Requests to the Kubernetes API, by verb, resource and HTTP status (0: no answer)",
+            ["verb", "resource", "code"],
+            registry=r,
+        )
+        self.kube_request_seconds = Histogram(
+            "vmha_kube_request_duration_seconds",
+            "Duration of Kubernetes API requests (watches: until the first byte)",
+            ["verb"],
+            registry=r,
+        )
+        self.kube_watch_events = Counter(
+            "vmha_kube_watch_events",
+            "Changes received from Kubernetes watches",
+            ["resource"],
+            registry=r,
+        )
+        self.kube_relists = Counter(
+            "vmha_kube_relists",
+            "Full lists of a resource: initial, expired (410 Gone), error",
+            ["resource", "reason"],
+            registry=r,
+        )
+        self.kube_watch_errors = Counter(
+            "vmha_kube_watch_errors",
+            "Watch requests that failed (retried with backoff)",
+            ["resource"],
+            registry=r,
+        )
+        self.discovery_vmis = Gauge(
+            "vmha_discovery_vmis",
+            "VMIs on this node that want heartbeat, by discovery state (attached, "
+            "waiting_for_socket, unresolved)",
+            ["state"],
+            registry=r,
+        )
+        self.kube_events = Counter(
+            "vmha_kube_events",
+            "Writes of Kubernetes Events: created, series_updated, rejected",
+            ["result"],
+            registry=r,
+        )
+        self.kube_events_recorded = Counter(
+            "vmha_kube_events_recorded",
+            "Occurrences recorded as Events, repeats included (they aggregate into series)",
+            ["reason"],
+            registry=r,
+        )
+        self.kube_events_dropped = Counter(
+            "vmha_kube_events_dropped",
+            "Events dropped because the queue was full while the API was unreachable",
+            registry=r,
+        )
+        self.kube_events_queue = Gauge(
+            "vmha_kube_events_queue_length", "Events waiting to be created", registry=r
+        )
+        self.kube_annotation_patches = Counter(
+            "vmha_kube_annotation_patches",
+            "Heartbeat annotation writes on VMIs: patched, dropped (the VMI is gone or on "
+            "another node), failed (retried)",
+            ["result"],
+            registry=r,
+        )
+        self.kube_annotations_pending = Gauge(
+            "vmha_kube_annotations_pending",
+            "VMIs whose heartbeat annotation waits to be written",
+            registry=r,
+        )
+        self.corrective_actions = Counter(
+            "vmha_corrective_actions",
+            "Corrective actions by action and outcome (taken, failed, skipped_*)",
+            ["action", "outcome"],
+            registry=r,
         )
 
     def track(self, vm: VMRef) -> VMStats:

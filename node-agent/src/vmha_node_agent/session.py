@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
-from vmha_node_agent.config import AgentConfig
+from vmha_node_agent.config import AgentConfig, HeartbeatPolicy
 from vmha_node_agent.heartbeat import (
     HeartbeatMonitor,
     HeartbeatState,
@@ -25,7 +26,7 @@ from vmha_node_agent.heartbeat import (
 from vmha_node_agent.inventory import VMRef
 from vmha_node_agent.metrics import AgentMetrics
 from vmha_node_agent.ratelimit import LogThrottle, TokenBucket
-from vmha_node_agent.reporting import TransitionSink
+from vmha_node_agent.reporting import SessionSink
 from vmha_node_agent.transport import GuestChannel
 from vmha_protocol import (
     AppGroup,
@@ -34,12 +35,22 @@ from vmha_protocol import (
     decode_from_guest,
     encode,
 )
-from vmha_protocol.heartbeat import ActionResponse, HeartbeatNack
+from vmha_protocol.heartbeat import ActionResponse, EventType, HeartbeatNack
 from vmha_protocol.limits import HEARTBEAT_MAX_LOG_BYTES, SERVER_GROUP_MAX_LOG_BYTES
 from vmha_protocol.server_group import ServerGroupNack
 from vmha_protocol.types import truncate_utf8
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What came of telling the guest about a corrective action before taking it."""
+
+    sent: bool
+    notice_s: float = 0.0  # what the guest asked for, capped
+    waited_s: float = 0.0
+    completed: bool = False  # the guest said it was ready before the time was up
 
 
 class VMSession:
@@ -48,9 +59,10 @@ class VMSession:
         vm: VMRef,
         config: AgentConfig,
         metrics: AgentMetrics,
-        sink: TransitionSink,
+        sink: SessionSink,
     ) -> None:
         self.vm = vm
+        self._config = config
         self._sink = sink
         self.stats = metrics.track(vm)
         self._decoder = FrameDecoder()
@@ -59,9 +71,10 @@ class VMSession:
         )
         self.channel = GuestChannel(vm.socket_path, self, config.channel, config.guest_limits)
         self.heartbeat = HeartbeatMonitor(
-            config.heartbeat, self._send, self, asyncio.get_running_loop()
+            vm.policy or config.heartbeat, self._send, self, asyncio.get_running_loop()
         )
         self._task: asyncio.Task[None] | None = None
+        self._action_done: dict[str, asyncio.Future[None]] = {}
         # A guest can send many bad messages; our log must not become its megaphone.
         self._reject_log = LogThrottle(interval_s=5.0)
 
@@ -77,6 +90,37 @@ class VMSession:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.channel.close()
+
+    def update(self, vm: VMRef) -> None:
+        """The same VM with new details (its policy): applied without a new session."""
+        self.vm = vm
+        self.heartbeat.update_policy(vm.policy or self._config.heartbeat)
+
+    @property
+    def policy(self) -> HeartbeatPolicy:
+        return self.heartbeat.policy
+
+    async def give_notice(self, event_type: EventType, max_wait_s: float) -> Notice:
+        """Tell a registered guest that `event_type` is coming and give it the notice time
+        it asked for (at most `max_wait_s`), or less if it says it is ready (`complete`)."""
+        registration = self.heartbeat.registration
+        if registration is None:
+            return Notice(sent=False)
+        notice_s = min(float(registration.notice_secs(event_type)), max_wait_s)
+        if not self.heartbeat.notify_action(event_type, int(notice_s * 1000)):
+            return Notice(sent=False)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        done = self._action_done.setdefault(event_type, loop.create_future())
+        try:
+            async with asyncio.timeout(notice_s):
+                await asyncio.shield(done)
+            completed = True
+        except TimeoutError:
+            completed = False
+        finally:
+            self._action_done.pop(event_type, None)
+        return Notice(True, notice_s, loop.time() - started, completed)
 
     # -- ChannelListener -------------------------------------------------------------------
 
@@ -118,6 +162,10 @@ class VMSession:
 
     def challenge_missed(self, consecutive: int) -> None:
         self.stats.missed += 1
+        # Misses are news until they make the VM `failed`; after that the fault speaks for
+        # them (a node of hung guests must not keep the reporters busy with every tick).
+        if self.heartbeat.state is not HeartbeatState.FAILED:
+            self._sink.challenge_missed(self.vm, consecutive)
 
     def late_response(self) -> None:
         self.stats.late += 1
@@ -128,6 +176,9 @@ class VMSession:
             self.vm, message.event_type, message.vote_result, message.log_msg,
             extra=self._log_fields(),
         )  # fmt: skip
+        waiter = self._action_done.get(message.event_type)
+        if message.vote_result == "complete" and waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def transition(self, change: Transition) -> None:
         self.stats.state = change.current

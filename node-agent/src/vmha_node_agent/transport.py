@@ -8,8 +8,11 @@ reading. It knows nothing of the protocol above it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +20,9 @@ from vmha_node_agent.config import ChannelPolicy, GuestLimits
 from vmha_node_agent.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
+
+# sockaddr_un holds 108 bytes including the terminating NUL.
+MAX_UNIX_PATH_BYTES = 107
 
 
 class ChannelListener(Protocol):
@@ -80,9 +86,10 @@ class GuestChannel:
         loop = asyncio.get_running_loop()
         closed: asyncio.Future[str] = loop.create_future()
         try:
-            transport, _ = await loop.create_unix_connection(
-                lambda: _ChannelProtocol(self, closed), str(self.path)
-            )
+            with connectable_path(self.path) as path:
+                transport, _ = await loop.create_unix_connection(
+                    lambda: _ChannelProtocol(self, closed), path
+                )
         except OSError as exc:
             log.debug("channel %s not reachable: %s", self.path, exc)
             return None
@@ -104,6 +111,24 @@ class GuestChannel:
             transport.pause_reading()
             asyncio.get_running_loop().call_later(pause_s, _resume, transport)
         self._listener.channel_data(data)
+
+
+@contextlib.contextmanager
+def connectable_path(path: Path) -> Iterator[str]:
+    """A path `connect()` accepts for `path`, even one longer than a unix socket address.
+
+    Host paths of sockets in a pod's volume can be longer than 107 bytes (a kubelet root
+    mounted under another prefix, a long pod volume name); then we go through a descriptor
+    of the directory: /proc/self/fd/<fd>/<name>.
+    """
+    if len(os.fsencode(path)) <= MAX_UNIX_PATH_BYTES:
+        yield str(path)
+        return
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
 
 
 def _resume(transport: asyncio.Transport) -> None:
