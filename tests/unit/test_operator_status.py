@@ -176,6 +176,10 @@ def test_heartbeat_annotation_forms() -> None:
     assert state("healthy") == "healthy"
     assert state(" Unhealthy ") == "unhealthy"
     assert state('{"state": "unhealthy", "since": "2026-01-01T00:00:00Z"}') == "unhealthy"
+    agent = '{"state": "%s", "reason": "missed", "since": "2026-01-01T00:00:00Z", "node": "n1"}'
+    assert state(agent % "failed") == "failed"
+    assert state(agent % "waiting_for_init") == "unknown"
+    assert state(agent % "deregistered") == "unknown"
     assert state("{broken") == "unknown"
     assert state("weird") == "unknown"
     assert heartbeat_state({}) == "unknown"

@@ -29,7 +29,8 @@ CRD_NAME: Final = f"{PLURAL}.{GROUP}"
 
 # Membership: a VirtualMachine joins the group named by this label (same namespace).
 GROUP_LABEL: Final = "vmha.io/group"
-# Written by the node agent on the VMI on heartbeat transitions: healthy|unhealthy|unknown.
+# Written by the node agent on the VMI on heartbeat transitions: JSON with "state" (the agent's
+# state: healthy, unhealthy, failed, waiting_for_init, deregistered), "reason", "since", "node".
 HEARTBEAT_ANNOTATION: Final = "vmha.io/heartbeat"
 # The virtio-serial channel's socket path inside the virt-launcher pod (on the VM template,
 # so every VMI carries it and the node agent need not hard-code it).
@@ -180,7 +181,8 @@ class VMGroupSpec(ApiModel):
         return None
 
 
-HeartbeatState = Literal["healthy", "unhealthy", "unknown"]
+# unknown: no agent report, or a guest that is not (or no longer) registered.
+HeartbeatState = Literal["healthy", "unhealthy", "failed", "unknown"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 Name = Annotated[str, Field(max_length=MAX_NAME_LENGTH)]

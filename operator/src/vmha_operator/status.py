@@ -109,6 +109,9 @@ def _phase_since(status: Mapping[str, Any], phase: str) -> datetime | None:
         return None
 
 
+FAULTY_HEARTBEATS = frozenset({"unhealthy", "failed"})
+
+
 def heartbeat_state(vmi: Mapping[str, Any]) -> HeartbeatState:
     """The node agent's annotation: a bare state, or JSON with a "state" key."""
     raw = ((vmi.get("metadata") or {}).get("annotations") or {}).get(HEARTBEAT_ANNOTATION)
@@ -136,7 +139,7 @@ def _ready_condition(group: VMGroup, members: Sequence[Member]) -> Condition:
             message=f"no VirtualMachine is labelled vmha.io/group={group.metadata.name}",
         )
     not_ready = [f"{m.vm} ({m.phase})" for m in members if not m.ready]
-    unhealthy = [m.vm for m in members if m.heartbeat == "unhealthy"]
+    unhealthy = [m.vm for m in members if m.heartbeat in FAULTY_HEARTBEATS]
     summary = f"{len(members) - len(not_ready)} of {len(members)} members ready"
     if not not_ready and not unhealthy:
         return Condition(type=READY, status="True", reason="AllMembersReady", message=summary)
