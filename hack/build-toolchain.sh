@@ -3,6 +3,7 @@
 #   $VMHA_CACHE/kube/<version>/bin/{kube-apiserver,kubectl}   built from the Go module proxy
 #   $VMHA_CACHE/helm/<version>/bin/helm                       go install from the Go module proxy
 #   $VMHA_CACHE/prometheus-operator/<version>/crds/*.yaml     from the prometheus-operator module
+#   $VMHA_CACHE/cert-manager/<version>/crds/*.yaml            from the cert-manager module
 # VMHA_CACHE defaults to ~/.cache/vmha. Versions: hack/kube-toolchain/versions.env.
 # Idempotent (skips what exists) and safe to run concurrently (one build at a time holds a lock).
 # Each result is assembled in a temporary directory and renamed into place, so an interrupted
@@ -12,13 +13,15 @@ set -euo pipefail
 module_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/kube-toolchain"
 
 # versions.env holds plain KEY=VALUE lines (Python reads it too), so it is parsed, not sourced.
-KUBE_VERSION='' HELM_VERSION='' PROMETHEUS_OPERATOR_VERSION=''
+KUBE_VERSION='' HELM_VERSION='' PROMETHEUS_OPERATOR_VERSION='' CERT_MANAGER_VERSION=''
 while IFS='=' read -r key value; do
   case $key in
-    KUBE_VERSION | HELM_VERSION | PROMETHEUS_OPERATOR_VERSION) printf -v "$key" '%s' "$value" ;;
+    KUBE_VERSION | HELM_VERSION | PROMETHEUS_OPERATOR_VERSION | CERT_MANAGER_VERSION)
+      printf -v "$key" '%s' "$value"
+      ;;
   esac
 done <"$module_dir/versions.env"
-for key in KUBE_VERSION HELM_VERSION PROMETHEUS_OPERATOR_VERSION; do
+for key in KUBE_VERSION HELM_VERSION PROMETHEUS_OPERATOR_VERSION CERT_MANAGER_VERSION; do
   [[ -n ${!key} ]] || { echo "build-toolchain: $key missing in $module_dir/versions.env" >&2; exit 1; }
 done
 
@@ -26,6 +29,7 @@ cache="${VMHA_CACHE:-$HOME/.cache/vmha}"
 kube_dir="$cache/kube/$KUBE_VERSION/bin"
 helm_dir="$cache/helm/$HELM_VERSION/bin"
 prometheus_crd_dir="$cache/prometheus-operator/$PROMETHEUS_OPERATOR_VERSION/crds"
+cert_manager_crd_dir="$cache/cert-manager/$CERT_MANAGER_VERSION/crds"
 
 # Static binaries, as Kubernetes and Helm release them: no C toolchain needed.
 export CGO_ENABLED=0
@@ -112,25 +116,28 @@ build_helm() {
   log "built helm $HELM_VERSION in $((SECONDS - start)) s -> $helm_dir"
 }
 
-fetch_prometheus_crds() {
-  if compgen -G "$prometheus_crd_dir/*.yaml" >/dev/null; then
+# Copies CRD manifests out of a Go module (the projects publish them there):
+#   fetch_module_crds <what> <module@version> <glob inside the module> <destination dir>
+fetch_module_crds() {
+  local what=$1 module=$2 pattern=$3 dest=$4
+  if compgen -G "$dest/*.yaml" >/dev/null; then
     return
   fi
-  local module="github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION"
-  log "fetching the Prometheus Operator CRDs from $module"
+  log "fetching the $what CRDs from $module"
   local start=$SECONDS out source_dir
-  out="$(new_staging_dir "$prometheus_crd_dir")"
+  out="$(new_staging_dir "$dest")"
   staging+=("$out")
   # Run outside any Go module: the download must not touch a go.mod/go.sum.
   source_dir="$(cd "$out" && GOWORK=off go mod download -json "$module" |
     sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')"
   [[ -n $source_dir ]] || die "go mod download printed no Dir for $module"
-  compgen -G "$source_dir/example/prometheus-operator-crd/*.yaml" >/dev/null ||
-    die "no CRDs in $source_dir/example/prometheus-operator-crd"
+  # shellcheck disable=SC2086 # $pattern is a glob, expanded here on purpose
+  compgen -G "$source_dir/"$pattern >/dev/null || die "no $pattern in $module"
   # Module cache files are read-only; copies should be ordinary files.
-  install -m 0644 "$source_dir"/example/prometheus-operator-crd/*.yaml "$out/"
-  publish "$out" "$prometheus_crd_dir"
-  log "fetched the Prometheus Operator CRDs $PROMETHEUS_OPERATOR_VERSION in $((SECONDS - start)) s -> $prometheus_crd_dir"
+  # shellcheck disable=SC2086
+  install -m 0644 "$source_dir/"$pattern "$out/"
+  publish "$out" "$dest"
+  log "fetched the $what CRDs in $((SECONDS - start)) s -> $dest"
 }
 
 main() {
@@ -143,7 +150,11 @@ main() {
   fi
   build_kube
   build_helm
-  fetch_prometheus_crds
+  fetch_module_crds "Prometheus Operator" \
+    "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
+    "example/prometheus-operator-crd/*.yaml" "$prometheus_crd_dir"
+  fetch_module_crds "cert-manager" "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" \
+    "deploy/crds/cert-manager.io_*.yaml" "$cert_manager_crd_dir"
 }
 
 main "$@"

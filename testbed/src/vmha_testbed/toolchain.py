@@ -31,6 +31,7 @@ class Versions:
     kube: str
     helm: str
     prometheus_operator: str
+    cert_manager: str
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,16 @@ class Toolchain:
     etcd: Path
     prometheus_operator_crds: Path
     """Directory of the Prometheus Operator CRD manifests (monitoring.coreos.com_*.yaml)."""
+    cert_manager_crds: Path
+    """Directory of cert-manager's CRD manifests (cert-manager.io_*.yaml)."""
 
     def missing(self) -> list[Path]:
         """What the build script has not produced yet (etcd is a system package, not built)."""
         built = (self.kube_apiserver, self.kubectl, self.helm)
         absent = [path for path in built if not os.access(path, os.X_OK)]
-        if not any(self.prometheus_operator_crds.glob("*.yaml")):
-            absent.append(self.prometheus_operator_crds)
+        for crds in (self.prometheus_operator_crds, self.cert_manager_crds):
+            if not any(crds.glob("*.yaml")):
+                absent.append(crds)
         return absent
 
 
@@ -67,6 +71,7 @@ def read_versions(path: Path = VERSIONS_FILE) -> Versions:
             kube=values["KUBE_VERSION"],
             helm=values["HELM_VERSION"],
             prometheus_operator=values["PROMETHEUS_OPERATOR_VERSION"],
+            cert_manager=values["CERT_MANAGER_VERSION"],
         )
     except KeyError as missing:
         raise ToolchainError(f"{path} does not define {missing}") from None
@@ -98,6 +103,7 @@ def toolchain() -> Toolchain:
         / "prometheus-operator"
         / versions.prometheus_operator
         / "crds",
+        cert_manager_crds=cache / "cert-manager" / versions.cert_manager / "crds",
     )
 
 
