@@ -26,7 +26,7 @@ toolchain:
 lint: dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy protocol/src guest/src node-agent/src operator/src testbed/src tests bench
+	$(VENV)/bin/mypy protocol/src guest/src guest/examples node-agent/src operator/src testbed/src tests bench
 	shellcheck hack/*.sh .ci/run
 
 unit: dev

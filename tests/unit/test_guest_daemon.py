@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -144,6 +146,8 @@ def make_config(**overrides: Any) -> GuestConfig:
             "restart_secs": 140,
         },
         "reconnect_max_ms": 500,
+        # Tests that use the socket give it a path of their own (never /run/vmha).
+        "local_api": {"enabled": False},
     }
     raw.update(overrides)
     return parse_config(raw)
@@ -172,6 +176,23 @@ async def running(config: GuestConfig, port: Any) -> AsyncIterator[Running]:
     finally:
         if not task.done():
             await run.shutdown()
+
+
+@contextlib.contextmanager
+def short_tempdir() -> Iterator[Path]:
+    """A short directory for unix sockets (a socket path holds at most 107 bytes; pytest's
+    tmp_path can be longer)."""
+    path = Path(tempfile.mkdtemp(prefix="vg-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    with short_tempdir() as path:
+        yield path
 
 
 @pytest.fixture
@@ -302,6 +323,32 @@ async def test_nack_of_the_registration_registers_again(pty: Pty) -> None:
         )
         again = await host.expect(Init)
         assert again.invocation_id != init.invocation_id
+
+
+@pytest.mark.parametrize(
+    ("log_msg", "registers_again"),
+    [
+        ("unknown-invocation: invocation 12 is not registered", True),
+        ("not-registered: send init first", True),
+        # The code decides, not the wording ("init" alone would have matched).
+        ("invalid: init.name is longer than 64 bytes", False),
+        ("rate-limited: too many init messages", False),
+    ],
+)
+async def test_the_nack_reason_code_decides_whether_to_register_again(
+    pty: Pty, log_msg: str, registers_again: bool
+) -> None:
+    async with guest_and_host(pty) as (_, host):
+        init = await host.register()
+        host.send(HeartbeatNack(invocation_id=init.invocation_id, log_msg=log_msg))
+        if registers_again:
+            again = await host.expect(Init)
+            assert again.invocation_id != init.invocation_id
+        else:
+            await asyncio.sleep(0.5)  # longer than the re-register delay (0.2 s)
+            response = await host.challenge(init, 3)
+            assert response.invocation_id == init.invocation_id
+            assert host._inbox.empty()
 
 
 async def test_other_nacks_are_only_logged(pty: Pty, caplog: pytest.LogCaptureFixture) -> None:
@@ -473,7 +520,9 @@ async def _wait_process(process: asyncio.subprocess.Process) -> tuple[int, str]:
 
 async def test_cli_exits_cleanly_on_sigterm(pty: Pty, tmp_path: Path) -> None:
     config = tmp_path / "guest.toml"
-    config.write_text('[heartbeat]\nname = "cli-vm"\ninterval_ms = 500\n')
+    config.write_text(
+        '[heartbeat]\nname = "cli-vm"\ninterval_ms = 500\n\n[local_api]\nenabled = false\n'
+    )
     host = ScriptedHost(os.dup(pty.master))
     process = await asyncio.create_subprocess_exec(
         *_cli("run", "--config", str(config), "--port", pty.path, "--log-level", "debug"),
@@ -498,9 +547,15 @@ async def test_cli_exits_cleanly_on_sigterm(pty: Pty, tmp_path: Path) -> None:
     assert "registered as 'cli-vm'" in stderr
 
 
-async def test_cli_waits_for_a_missing_port_and_stops_on_sigint(tmp_path: Path) -> None:
+async def test_cli_waits_for_a_missing_port_and_stops_on_sigint(
+    tmp_path: Path, socket_dir: Path
+) -> None:
+    # Every key at its default but the socket's path (the default is /run/vmha/guest.sock).
+    sock = socket_dir / "guest.sock"
+    config = tmp_path / "guest.toml"
+    config.write_text(f'[local_api]\nsocket = "{sock}"\n')
     process = await asyncio.create_subprocess_exec(
-        *_cli("run", "--config", os.devnull, "--port", str(tmp_path / "no-such-port")),
+        *_cli("run", "--config", str(config), "--port", str(tmp_path / "no-such-port")),
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
@@ -509,9 +564,12 @@ async def test_cli_waits_for_a_missing_port_and_stops_on_sigint(tmp_path: Path) 
         while b"waiting for it" not in line:
             line = await process.stderr.readline()
             assert line, "the daemon exited instead of waiting for the port"
+    assert sock.is_socket()  # applications can connect while the host is away
+    assert sock.stat().st_mode & 0o777 == 0o660
     process.send_signal(signal.SIGINT)
     returncode, _ = await _wait_process(process)
     assert returncode == 0
+    assert not sock.exists()  # removed on the way out
 
 
 async def test_cli_reports_configuration_errors(tmp_path: Path) -> None:

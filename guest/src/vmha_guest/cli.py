@@ -1,7 +1,8 @@
-"""`vmha-guest run [--config PATH] [--port NAME_OR_PATH] [--log-level LEVEL]`.
+"""`vmha-guest run [--config PATH] [--port NAME_OR_PATH] [--log-level LEVEL]`, and the
+commands for applications (`broadcast`, `status`, `watch`, `app`; see `commands.py`).
 
-The daemon is the `run` subcommand; later issues add `broadcast`, `status`, `watch`.
-Exit status: 0 after SIGTERM/SIGINT, 2 for a configuration error, 1 for a crash.
+The daemon is the `run` subcommand. Its exit status: 0 after SIGTERM/SIGINT, 2 for a
+configuration error, 1 for a crash. The other commands document theirs in `commands.py`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vmha_guest import __version__
+from vmha_guest.commands import COMMANDS, add_commands, run_command
 from vmha_guest.config import DEFAULT_CONFIG_PATH, ConfigError, GuestConfig, load_config
-from vmha_guest.daemon import GuestDaemon
 from vmha_guest.logs import setup_logging
-from vmha_guest.port import SerialPort
 
 log = logging.getLogger("vmha_guest")
 
@@ -29,12 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command in COMMANDS:
+        return run_command(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse requires one
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vmha-guest", description="vmha guest daemon (heartbeat over virtio-serial)"
+        prog="vmha-guest",
+        description="vmha guest daemon (heartbeat and server group messaging over virtio-serial)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default vmha.messaging, then cgcs.messaging)",
     )
     run.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS)
+    add_commands(commands)
     return parser
 
 
@@ -79,6 +83,11 @@ def config_from_args(args: argparse.Namespace) -> GuestConfig:
 
 
 async def _serve(config: GuestConfig) -> None:
+    # Imported here: the commands for applications never need the daemon's modules, and
+    # in a small guest every import counts.
+    from vmha_guest.daemon import GuestDaemon  # noqa: PLC0415
+    from vmha_guest.port import SerialPort  # noqa: PLC0415
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

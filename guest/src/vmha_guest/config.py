@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -27,6 +28,9 @@ from vmha_protocol.heartbeat import CorrectiveAction, InstanceName, NoticeSecs
 from vmha_protocol.types import truncate_utf8
 
 DEFAULT_CONFIG_PATH = Path("/etc/vmha/guest.toml")
+DEFAULT_SOCKET_PATH = "/run/vmha/guest.sock"
+# sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 # Positive durations in milliseconds, at most a day (the protocol's longest interval).
@@ -113,6 +117,65 @@ class FileCheck(_Check):
         return path
 
 
+def _octal_mode(value: object) -> object:
+    """`mode = 0o660` (a TOML integer) or `mode = "0660"` (how people write modes)."""
+    if isinstance(value, str):
+        try:
+            return int(value, 8)
+        except ValueError:
+            raise ValueError('must be an octal file mode such as "0660"') from None
+    return value
+
+
+def _group_text(value: object) -> object:
+    """`group = 1000` and `group = "1000"` mean the same gid."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    return value
+
+
+class ServerGroupConfig(_Section):
+    enabled: bool = True
+    # After a broadcast, how long to wait for the host's nack before reporting "sent"
+    # (the protocol has no acknowledgement). Broadcasts go out one window at a time.
+    nack_window_ms: Annotated[int, Field(ge=0, le=10_000)] = 300
+    # How long a status query may take when the application does not say.
+    status_timeout_ms: Annotated[int, Field(gt=0, le=600_000)] = 5000
+    # Members kept from one status response; the rest are dropped and the answer is
+    # flagged as truncated (a VMGroup has at most 1000 members).
+    max_members: Annotated[int, Field(ge=1, le=100_000)] = 1024
+
+
+class LocalApiConfig(_Section):
+    """The unix socket that applications in the guest use (see `local_api.py`)."""
+
+    enabled: bool = True
+    socket: str = DEFAULT_SOCKET_PATH
+    mode: Annotated[int, BeforeValidator(_octal_mode), Field(ge=0, le=0o777)] = 0o660
+    # Group owning the socket (a name or a number); default: the daemon's own group.
+    group: Annotated[str, BeforeValidator(_group_text)] | None = None
+    max_clients: Annotated[int, Field(ge=1, le=4096)] = 64
+    # Events queued for one application that does not read; beyond, the oldest are
+    # dropped (and counted), so a slow application never holds the daemon up.
+    max_queued_events: Annotated[int, Field(ge=1, le=100_000)] = 256
+
+    @field_validator("socket")
+    @classmethod
+    def _socket_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must be an absolute path")
+        if len(path.encode()) > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(f"is longer than {MAX_SOCKET_PATH_BYTES} bytes (a unix socket limit)")
+        return path
+
+    @field_validator("group")
+    @classmethod
+    def _group_named(cls, group: str | None) -> str | None:
+        if group is not None and not group.strip():
+            raise ValueError("must name a group")
+        return group
+
+
 CheckConfig = Annotated[
     CommandCheck | HttpCheck | TcpCheck | FileCheck, Field(discriminator="type")
 ]
@@ -128,6 +191,8 @@ class GuestConfig(_Section):
     # Longest wait between attempts to open the port while the host is absent.
     reconnect_max_ms: Millis = 1000
     heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
+    server_group: ServerGroupConfig = Field(default_factory=ServerGroupConfig)
+    local_api: LocalApiConfig = Field(default_factory=LocalApiConfig)
     checks: list[CheckConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -5,6 +5,11 @@ Loop: open the port → the base layer runs until the connection is lost → clo
 every open end at once (read returns 0), so the backoff is what keeps this from being a
 busy loop; it resets once a connection has carried a frame from the host. On stop the
 heartbeat client sends `exit` and the daemon returns.
+
+Next to the port the daemon serves applications on a unix socket (`local_api.py`): server
+group messaging (`server_group.py`) and votes on revocable actions (`votes.py`). The
+socket is not essential: if it cannot be served, the daemon says so and keeps
+heartbeating.
 """
 
 from __future__ import annotations
@@ -18,9 +23,13 @@ from typing import Any
 from vmha_guest.backoff import Backoff
 from vmha_guest.base import AppHandler, BaseLayer, HostConnection
 from vmha_guest.config import GuestConfig
+from vmha_guest.events import EventHub
 from vmha_guest.health import HealthMonitor
 from vmha_guest.heartbeat import HeartbeatClient, HeartbeatTiming
+from vmha_guest.local_api import LocalApiError, LocalApiServer
 from vmha_guest.port import Port, PortUnavailable
+from vmha_guest.server_group import ServerGroupClient
+from vmha_guest.votes import VoteBroker
 from vmha_protocol import AppGroup, default_address
 
 log = logging.getLogger(__name__)
@@ -47,14 +56,41 @@ class GuestDaemon:
         self.config = config
         self.port = port
         self.health = HealthMonitor(config.checks)
+        self.events = EventHub()
+        self.votes = VoteBroker(self.events)
         self.heartbeat: HeartbeatClient | None = None
+        self.server_group: ServerGroupClient | None = None
+        self.local_api: LocalApiServer | None = None
         handlers: list[AppHandler] = []
+        original = config.addresses == "cgcs"
         if config.heartbeat.enabled:
-            address = default_address(AppGroup.HEARTBEAT, original=config.addresses == "cgcs")
             self.heartbeat = HeartbeatClient(
-                config.heartbeat, address, self.health, timing=heartbeat_timing
+                config.heartbeat,
+                default_address(AppGroup.HEARTBEAT, original=original),
+                self.health,
+                vote=self.votes.vote,
+                notice=self.votes.notice,
+                timing=heartbeat_timing,
             )
             handlers.append(self.heartbeat)
+        messaging = config.server_group
+        if messaging.enabled:
+            self.server_group = ServerGroupClient(
+                default_address(AppGroup.SERVER_GROUP, original=original),
+                self.events,
+                nack_window_s=messaging.nack_window_ms / 1000,
+                max_members=messaging.max_members,
+            )
+            handlers.append(self.server_group)
+        if config.local_api.enabled:
+            self.local_api = LocalApiServer(
+                config.local_api,
+                self.events,
+                self.votes,
+                self.server_group,
+                status_timeout_s=messaging.status_timeout_ms / 1000,
+                nack_window_s=messaging.nack_window_ms / 1000,
+            )
         self.base = BaseLayer(handlers)
         self.stats = DaemonStats()
         self._reopen = Backoff(REOPEN_FIRST_S, max(config.reconnect_max_ms / 1000, REOPEN_FIRST_S))
@@ -63,11 +99,23 @@ class GuestDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set."""
         self.health.start()
+        await self._start_local_api()
         try:
             while not stop.is_set():
                 await self._serve_once(stop)
         finally:
+            if self.local_api is not None:
+                await self.local_api.stop()
             await self.health.stop()
+
+    async def _start_local_api(self) -> None:
+        if self.local_api is None:
+            return
+        try:
+            await self.local_api.start()
+        except LocalApiError as exc:
+            log.error("applications cannot reach the daemon: %s", exc)
+            self.local_api = None
 
     async def _serve_once(self, stop: asyncio.Event) -> None:
         connection = self.base.connection()

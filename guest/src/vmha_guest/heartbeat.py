@@ -1,4 +1,4 @@
-"""Heartbeat client (PROTOCOL.md §4): register, answer challenges, act on notices.
+"""Heartbeat client (PROTOCOL.md §4): register, answer challenges, vote on actions.
 
 On every connection to the host the client registers with `init` (a new invocation id),
 re-sending it with backoff until `init_ack` (or a first challenge) arrives. Challenges
@@ -6,6 +6,10 @@ are answered at once from the health monitor's latest results. The client regist
 again when the host nacks its registration, and when challenges stop coming for
 `HeartbeatTiming.rejoin_after` (a host that restarted between two reads of the port
 would otherwise wait for an `init` that never comes).
+
+A revocable `action_notify` is put to the `vote` function (the daemon passes
+`votes.VoteBroker.vote`, which asks the applications); an irrevocable one is passed to
+`notice` for information and answered `complete`.
 """
 
 from __future__ import annotations
@@ -36,24 +40,42 @@ from vmha_protocol.heartbeat import (
     InitAck,
     VoteResult,
 )
+from vmha_protocol.nack import nack_reason
 from vmha_protocol.types import truncate_utf8
 
 log = logging.getLogger(__name__)
 
-Voter = Callable[[ActionNotify], Awaitable[VoteResult]]
 
-# A nack about registration: the host does not know our invocation (PROTOCOL.md leaves
-# the wording to the host; these match vmha's agent and name the message type).
+@dataclass(frozen=True)
+class Vote:
+    """The guest's answer to a revocable action, and why (sent as `log_msg`)."""
+
+    result: VoteResult
+    reason: str = ""
+
+
+Voter = Callable[[ActionNotify], Awaitable[Vote]]
+NoticeListener = Callable[[ActionNotify], None]
+
+# A vmha host starts a nack with a reason code (`vmha_protocol.nack`). For a host that
+# sends none, recognise a nack about registration by its wording (the host does not know
+# our invocation; these words name the message type).
 _REGISTRATION_NACK = re.compile(r"not registered|invocation_id|\binit\b", re.IGNORECASE)
 _MAX_INVOCATION_ID = 2**31 - 1
 
 
-async def accept_vote(notify: ActionNotify) -> VoteResult:
-    """The guest's vote on a revocable action.
+async def accept_vote(notify: ActionNotify) -> Vote:
+    """The vote when nothing else decides: accept (the daemon asks its applications
+    through `votes.VoteBroker.vote` instead)."""
+    return Vote("accept")
 
-    vmha accepts every proposal for now; a later issue asks the guest's applications.
-    """
-    return "accept"
+
+def asks_to_register(log_msg: str) -> bool:
+    """Whether a heartbeat nack says the host does not know our registration."""
+    reason = nack_reason(log_msg)
+    if reason is not None:
+        return reason.asks_to_register
+    return _REGISTRATION_NACK.search(log_msg) is not None
 
 
 class HealthSource(Protocol):
@@ -85,12 +107,14 @@ class HeartbeatClient:
         health: HealthSource,
         *,
         vote: Voter = accept_vote,
+        notice: NoticeListener | None = None,
         timing: HeartbeatTiming | None = None,
     ) -> None:
         self.config = config
         self.address = address
         self._health = health
         self._vote = vote
+        self._notice = notice
         self._timing = timing or HeartbeatTiming()
         self._channel: Channel | None = None
         self.invocation_id: int | None = None
@@ -242,7 +266,7 @@ class HeartbeatClient:
 
     def _on_nack(self, nack: HeartbeatNack) -> None:
         log.warning("host rejected a message: %s", nack.log_msg or "(no reason given)")
-        if not self._acknowledged.is_set() or _REGISTRATION_NACK.search(nack.log_msg):
+        if not self._acknowledged.is_set() or asks_to_register(nack.log_msg):
             delay_s = self._timing.nack_reregister_delay_s
             log.info("registering again in %.1f s", delay_s)
             self._acknowledged.clear()
@@ -251,7 +275,9 @@ class HeartbeatClient:
     def _on_action_notify(self, notify: ActionNotify) -> None:
         if notify.notification_type == "irrevocable":
             log.warning("host notice: %s in %d ms", notify.event_type, notify.timeout_ms)
-            self._answer_action(notify, "complete")
+            if self._notice is not None:
+                self._notice(notify)
+            self._answer_action(notify, Vote("complete"))
             return
         task = asyncio.get_running_loop().create_task(self._vote_on(notify))
         self._votes.add(task)
@@ -259,20 +285,22 @@ class HeartbeatClient:
 
     async def _vote_on(self, notify: ActionNotify) -> None:
         try:
-            result = await self._vote(notify)
+            vote = await self._vote(notify)
         except Exception:
             log.exception("voting on %s failed", notify.event_type)
-            result = "error"
-        log.info("host proposes %s: voting %s", notify.event_type, result)
-        self._answer_action(notify, result)
+            vote = Vote("error", "the guest failed to vote")
+        because = f" ({vote.reason})" if vote.reason else ""
+        log.info("host proposes %s: voting %s%s", notify.event_type, vote.result, because)
+        self._answer_action(notify, vote)
 
-    def _answer_action(self, notify: ActionNotify, result: VoteResult) -> None:
+    def _answer_action(self, notify: ActionNotify, vote: Vote) -> None:
         self._send(
             ActionResponse(
                 invocation_id=notify.invocation_id,
                 event_type=notify.event_type,
                 notification_type=notify.notification_type,
-                vote_result=result,
+                vote_result=vote.result,
+                log_msg=truncate_utf8(vote.reason, limits.HEARTBEAT_MAX_LOG_BYTES),
             )
         )
 
