@@ -39,7 +39,8 @@ demo: system-deps dev
 	$(PY) -m vmha_testbed.demo
 
 bench: system-deps dev
-	$(PY) -m bench
+	$(PY) -m bench.heartbeat
+	$(PY) -m bench.cluster
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

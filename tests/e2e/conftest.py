@@ -4,7 +4,10 @@ Fixtures for any e2e test:
 - `guest_image` (session): the cached kernel + initramfs (`vmha_testbed.guestimage`).
 - `boot_guests` (function): `boot_guests([config_a, config_b], names=[...])` starts one guest
   per guest-daemon TOML config (None = no config file) at once, waits until all are ready and
-  returns their `GuestVM`s; they are stopped when the test ends.
+  returns their `GuestVM`s; they are stopped when the test ends. `channel_sockets=[...]`
+  places each guest's messaging socket (e.g. where a node agent looks for it).
+
+The control plane fixtures (`control_plane`, `namespace`) come from tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def boot_guests_fixture(guest_image: GuestImage, tmp_path: Path) -> Iterator[Boo
         port_name: str = DEFAULT_PORT,
         files: Mapping[str, str | bytes] | None = None,
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
+        channel_sockets: Sequence[Path | None] | None = None,
     ) -> list[GuestVM]:
         guests = boot_guests(
             guest_image,
@@ -51,6 +55,7 @@ def boot_guests_fixture(guest_image: GuestImage, tmp_path: Path) -> Iterator[Boo
             port_name=port_name,
             files=files,
             ready_timeout=ready_timeout,
+            channel_sockets=channel_sockets,
         )
         started.extend(guests)
         return guests

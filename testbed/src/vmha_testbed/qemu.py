@@ -2,8 +2,12 @@
 
 `GuestVM` starts `qemu-system-x86_64` (TCG; KVM only when `VMHA_QEMU_KVM=1`) with two
 virtio-serial ports, each a unix socket on the host where QEMU listens:
-- the messaging port (`vmha.messaging` by default): the socket the node agent connects to;
+- the messaging port (`vmha.messaging` by default): the socket the node agent connects to
+  (in a directory of the test's choosing with `channel_socket`, e.g. where a node agent
+  looks for a virt-launcher's socket);
 - `vmha.testctl`: the guest's test-control service, which runs shell commands (`run`).
+and a QMP monitor socket, through which `migrate` live-migrates the running guest into a new
+QEMU process, as KubeVirt moves a VM from one virt-launcher to another.
 
 QEMU never outlives its owner (`vmha_testbed.children`: own session, killed by the kernel when
 the test process dies), and an atexit hook kills any guest still running.
@@ -17,6 +21,7 @@ import asyncio
 import atexit
 import base64
 import itertools
+import json
 import math
 import os
 import re
@@ -30,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from vmha_testbed import children
 from vmha_testbed.guestimage import GuestImage
@@ -48,6 +53,9 @@ DEFAULT_READY_TIMEOUT = 300.0
 TESTCTL_GRACE = 30.0
 # A unix socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL).
 MAX_SOCKET_PATH = 100
+MAX_SUN_PATH = 107
+# Copying 256 MiB between two local QEMUs takes about a second; TCG on a busy machine longer.
+MIGRATION_TIMEOUT = 120.0
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _RESPONSE = re.compile(rb"@@VMHA-TESTCTL (BEGIN|END) (\d+)(?: (-?\d+))?")
@@ -77,6 +85,8 @@ class GuestVM:
     `config` is the guest daemon's TOML config (written to /etc/vmha/guest.toml);
     `files` adds or replaces other guest files (guest path → content), e.g.
     `/etc/default/vmha-guest` with `VMHA_GUEST_ARGS="--log-level debug"`.
+    `channel_socket`: where QEMU listens for the messaging port (its directory must exist;
+    at most 107 bytes); by default a socket next to the test-control one.
     """
 
     def __init__(
@@ -91,9 +101,12 @@ class GuestVM:
         memory_mb: int = 256,
         kvm: bool | None = None,
         kernel_args: Sequence[str] = (),
+        channel_socket: Path | None = None,
     ) -> None:
         if not _NAME.fullmatch(name) or not _NAME.fullmatch(port_name):
             raise ValueError(f"not usable as a hostname/port name: {name!r}, {port_name!r}")
+        if channel_socket is not None and len(os.fsencode(channel_socket)) > MAX_SUN_PATH:
+            raise ValueError(f"longer than a unix socket address: {channel_socket}")
         self.image = image
         self.name = name
         self.port_name = port_name
@@ -110,8 +123,9 @@ class GuestVM:
         socket_dir = self.workdir
         if len(str(socket_dir / "testctl.sock")) > MAX_SOCKET_PATH:
             socket_dir = self._temporary_dir("vmha-sock-")
-        self.channel_socket = socket_dir / f"{name}.{port_name}.sock"
+        self.channel_socket = channel_socket or socket_dir / f"{name}.{port_name}.sock"
         self.testctl_socket = socket_dir / f"{name}.testctl.sock"
+        self.qmp_socket = socket_dir / f"{name}.qmp.sock"
         self.console_log = self.workdir / f"{name}.console.log"
         self.qemu_log = self.workdir / f"{name}.qemu.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -139,23 +153,28 @@ class GuestVM:
         self.close()
 
     def start(self) -> None:
+        self._launch(incoming=None)
+
+    def _launch(self, incoming: Path | None) -> None:
+        """Start QEMU: booting, or (`incoming`) waiting for a migration on that socket."""
         if self._process is not None:
             raise GuestVMError(f"{self.name} already started")
-        for path in (self.channel_socket, self.testctl_socket):
-            path.unlink(missing_ok=True)
+        for path in (self.channel_socket, self.testctl_socket, self.qmp_socket, incoming):
+            if path is not None:
+                path.unlink(missing_ok=True)
         initrd = self.image.initrd_with(self._files, self.workdir / f"{self.name}.initrd.img")
-        command = self.qemu_command(initrd)
+        command = self.qemu_command(initrd, incoming=incoming)
         with self.qemu_log.open("wb") as qemu_output:
             self._process = children.spawn(command, output=qemu_output)
         self._started_at = time.monotonic()
         _LIVE.add(self)
         try:
-            self._wait_for_sockets()
+            self._wait_for_sockets(extra=() if incoming is None else (incoming,))
         except BaseException:
             self.kill()
             raise
 
-    def qemu_command(self, initrd: Path) -> list[str]:
+    def qemu_command(self, initrd: Path, *, incoming: Path | None = None) -> list[str]:
         cpu = os.environ.get(CPU_ENV) or ("host" if self.kvm else "max")
         accel = ["-accel", "kvm" if self.kvm else "tcg", "-cpu", cpu]
         append = [
@@ -179,6 +198,8 @@ class GuestVM:
             *("-device", "virtio-rng-pci", "-device", "virtio-serial-pci,id=vser0"),
             *self._port_options("messaging", self.channel_socket, self.port_name),
             *self._port_options("testctl", self.testctl_socket, TESTCTL_PORT),
+            *("-qmp", f"unix:{_qemu_value(self.qmp_socket)},server=on,wait=off"),
+            *(("-incoming", f"unix:{_qemu_value(incoming)}") if incoming else ()),
         ]
 
     @staticmethod
@@ -190,9 +211,10 @@ class GuestVM:
             f"virtserialport,bus=vser0.0,chardev={chardev},name={port}",
         ]
 
-    def _wait_for_sockets(self, timeout: float = 30.0) -> None:
+    def _wait_for_sockets(self, timeout: float = 30.0, extra: Sequence[Path] = ()) -> None:
+        sockets = (self.channel_socket, self.testctl_socket, self.qmp_socket, *extra)
         deadline = time.monotonic() + timeout
-        while not (self.channel_socket.exists() and self.testctl_socket.exists()):
+        while not all(path.exists() for path in sockets):
             self._raise_if_exited("while starting")
             if time.monotonic() > deadline:
                 raise GuestVMError(f"{self.name}: QEMU created no sockets in {timeout:.0f} s")
@@ -259,6 +281,63 @@ class GuestVM:
             if time.monotonic() > deadline:
                 raise GuestVMError(f"{self.name}: QEMU not {'stopped' if stopped else 'running'}")
             time.sleep(0.01)
+
+    def migrate(
+        self, channel_socket: Path | None = None, *, timeout: float = MIGRATION_TIMEOUT
+    ) -> GuestVM:
+        """Live-migrate the running guest into a new QEMU process and return that one.
+
+        As KubeVirt moves a VM between virt-launchers: the target QEMU starts with the same
+        machine and `-incoming`, the source QEMU sends it the guest's memory and device
+        state over a unix socket (QMP `migrate`), the target runs on and the source ends.
+        The guest does not restart (same kernel, processes and boot id); only the host ends
+        of its ports are new: the target's messaging port listens at `channel_socket`.
+        This object has no QEMU afterwards (close it to remove its files).
+        """
+        if self.paused:
+            raise GuestVMError(f"{self.name}: a stopped QEMU cannot send its state")
+        self._require_pid()
+        target = GuestVM(
+            self.image,
+            self.name,
+            files=self._files,
+            port_name=self.port_name,
+            memory_mb=self.memory_mb,
+            kvm=self.kvm,
+            kernel_args=self._kernel_args,
+            channel_socket=channel_socket,
+        )
+        incoming = target.qmp_socket.with_name(f"{self.name}.incoming.sock")
+        try:
+            target._launch(incoming=incoming)
+            deadline = time.monotonic() + timeout
+            with _QmpClient(self.qmp_socket, timeout) as source:
+                source.execute("migrate", uri=f"unix:{incoming}")
+                self._wait_migrated(source, deadline)
+            with _QmpClient(target.qmp_socket, timeout) as running:
+                while running.execute("query-status").get("status") != "running":
+                    if time.monotonic() > deadline:
+                        raise GuestVMError(f"{self.name}: the migrated guest does not run")
+                    time.sleep(0.05)
+        except BaseException:
+            target.close()
+            raise
+        self.stop()  # paused after the migration, as the source virt-launcher's QEMU is
+        target._started_at = self._started_at
+        return target
+
+    def _wait_migrated(self, source: _QmpClient, deadline: float) -> None:
+        while True:
+            info = source.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise GuestVMError(f"{self.name}: migration {status}: {info.get('error-desc')}")
+            if time.monotonic() > deadline:
+                source.execute("migrate_cancel")
+                raise GuestVMError(f"{self.name}: migration not done in time ({status})")
+            time.sleep(0.1)
 
     def kill(self) -> None:
         """SIGKILL QEMU: to the node agent, a crashed VM."""
@@ -408,6 +487,48 @@ class _TestControlClient:
         self._socket.close()
 
 
+class _QmpClient:
+    """A QEMU Machine Protocol connection (JSON lines over the monitor's unix socket)."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._socket.settimeout(timeout)
+        self._socket.connect(str(path))
+        self._stream = self._socket.makefile("rwb")
+        self._read()  # the greeting
+        self.execute("qmp_capabilities")
+
+    def execute(self, command: str, **arguments: object) -> dict[str, Any]:
+        request = {"execute": command, "arguments": arguments}
+        self._stream.write(json.dumps(request).encode() + b"\n")
+        self._stream.flush()
+        while True:
+            answer = self._read()
+            if "error" in answer:
+                raise GuestVMError(f"QMP {command}: {answer['error'].get('desc')}")
+            if "return" in answer:
+                result = answer["return"]
+                return result if isinstance(result, dict) else {}
+            # anything else is an asynchronous event (STOP, RESUME, ...): not needed here
+
+    def _read(self) -> dict[str, Any]:
+        line = self._stream.readline()
+        if not line:
+            raise GuestVMError("QMP connection closed (QEMU exited?)")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        self._stream.close()
+        self._socket.close()
+
+    def __enter__(self) -> _QmpClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class BootGuests(Protocol):
     """The signature of `boot_guests` with the image and directory bound (a test fixture)."""
 
@@ -419,6 +540,7 @@ class BootGuests(Protocol):
         port_name: str = DEFAULT_PORT,
         files: Mapping[str, str | bytes] | None = None,
         ready_timeout: float = DEFAULT_READY_TIMEOUT,
+        channel_sockets: Sequence[Path | None] | None = None,
     ) -> list[GuestVM]: ...
 
 
@@ -431,18 +553,21 @@ def boot_guests(
     port_name: str = DEFAULT_PORT,
     files: Mapping[str, str | bytes] | None = None,
     ready_timeout: float = DEFAULT_READY_TIMEOUT,
+    channel_sockets: Sequence[Path | None] | None = None,
 ) -> list[GuestVM]:
     """Start one guest per config at once, then wait until all are ready.
 
-    `names` default to guest-1, guest-2, ...; each guest gets `workdir/<name>/`. On any
+    `names` default to guest-1, guest-2, ...; each guest gets `workdir/<name>/`.
+    `channel_sockets`, one per config, place the messaging sockets (see `GuestVM`). On any
     failure every guest started here is closed again. The caller closes the returned guests.
     """
     names = list(names or [f"guest-{index}" for index in range(1, len(configs) + 1)])
-    if len(names) != len(configs):
-        raise ValueError("one name per config")
+    sockets = list(channel_sockets or [None] * len(configs))
+    if not len(names) == len(sockets) == len(configs):
+        raise ValueError("one name and one channel socket per config")
     guests: list[GuestVM] = []
     try:
-        for name, config in zip(names, configs, strict=True):
+        for name, config, channel_socket in zip(names, configs, sockets, strict=True):
             guest = GuestVM(
                 image,
                 name,
@@ -450,6 +575,7 @@ def boot_guests(
                 files=files,
                 port_name=port_name,
                 workdir=workdir / name,
+                channel_socket=channel_socket,
             )
             guests.append(guest)
             guest.start()

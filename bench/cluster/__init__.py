@@ -1,0 +1,1 @@
+"""The cluster benchmark: one node agent with hundreds of VMIs on its node, real apiserver."""
