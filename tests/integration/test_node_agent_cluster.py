@@ -45,7 +45,8 @@ from vmha_node_agent.kubeapi import (
 from vmha_node_agent.metrics import AgentMetrics
 from vmha_node_agent.ratelimit import TokenBucket
 from vmha_node_agent.rbac import node_agent_rules
-from vmha_protocol.heartbeat import ActionNotify, Challenge
+from vmha_protocol.heartbeat import ActionNotify, Challenge, HeartbeatNack
+from vmha_protocol.nack import NackReason, nack_reason
 from vmha_testbed.controlplane import ControlPlane
 from vmha_testbed.simguest import Behaviour, SimulatedGuest, acked
 
@@ -598,12 +599,19 @@ def test_members_and_opted_in_vmis_on_each_node_are_attached_and_reported(
     # Challenged at the guest's interval (the group allows 100 ms and up).
     a1 = world.vms["a1"].guest
     eventually(lambda: a1.count(Challenge) >= 5, "challenges to a1")
+    assert world.vms["plain"].guest.connections == 0
+    # "out" opted out of heartbeat but is a group member: attached for server group
+    # messaging only; its registration is refused and it is never challenged.
+    out = world.vms["out"].guest
+    wait_guest(out, lambda g: g.count(HeartbeatNack) >= 1, "out's init refused")
+    [refusal] = [m for m in out.received if isinstance(m, HeartbeatNack)][:1]
+    assert nack_reason(refusal.log_msg) is NackReason.UNAVAILABLE
+    assert out.count(Challenge) == 0
     for ignored in ("plain", "out"):
-        assert world.vms[ignored].guest.connections == 0
         assert world.heartbeat(ignored) is None
-    assert agents.started["node-a"].metric("vmha_vms") == 2.0
+    assert agents.started["node-a"].metric("vmha_vms") == 3.0
     assert agents.started["node-b"].metric("vmha_vms") == 1.0
-    assert agents.started["node-a"].metric("vmha_discovery_vmis", state="attached") == 2.0
+    assert agents.started["node-a"].metric("vmha_discovery_vmis", state="attached") == 3.0
 
 
 def test_hang_unhealthy_and_recovery_become_events_and_annotations(

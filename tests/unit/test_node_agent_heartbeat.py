@@ -26,6 +26,7 @@ from vmha_protocol.heartbeat import (
     Init,
     InitAck,
 )
+from vmha_protocol.nack import NackReason, nack_reason
 
 ADDRESS = "cgcs.heartbeat"
 
@@ -334,7 +335,9 @@ def test_response_without_matching_registration_is_an_error(
         monitor.handle(ADDRESS, response)
     assert caught.value.nackable
     assert caught.value.invocation_id == 9
-    assert ("unknown invocation_id" if registered else "not registered") in caught.value.reason
+    # The nack text starts with the reason code the guest daemon acts on (register again).
+    code = NackReason.UNKNOWN_INVOCATION if registered else NackReason.NOT_REGISTERED
+    assert nack_reason(caught.value.reason) is code
 
 
 def test_challenges_continue_while_the_channel_is_down(

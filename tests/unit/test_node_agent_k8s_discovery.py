@@ -245,9 +245,19 @@ async def test_a_group_change_updates_the_policy_without_a_new_identity(
     # An unrelated status update changes nothing.
     discovery.source.vmis_changed(Changed("MODIFIED", vmi("a", conditions=[{"type": "Ready"}])))
     await discovery.nothing_more()
-    # Heartbeat switched off for the group: let go.
+    # Heartbeat switched off for the group, messaging still on: a new session for
+    # messaging only (the guest's registration must end).
     discovery.source.groups_changed(Changed("MODIFIED", group("web", enabled=False)))
     assert await discovery.next() == VMRemoved(("ns", "a"))
+    messaging_only = await discovery.next()
+    assert isinstance(messaging_only, VMAdded)
+    assert not messaging_only.vm.heartbeat
+    # Messaging switched off too: let go.
+    off = group("web", enabled=False)
+    off["spec"]["messaging"] = False
+    discovery.source.groups_changed(Changed("MODIFIED", off))
+    assert await discovery.next() == VMRemoved(("ns", "a"))
+    await discovery.nothing_more()
 
 
 async def test_a_new_launcher_pod_means_a_new_session_on_its_socket(discovery: Discovery) -> None:

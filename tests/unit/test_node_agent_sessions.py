@@ -17,6 +17,7 @@ from vmha_node_agent.inventory import InventoryChange, VMAdded, VMRef, VMRemoved
 from vmha_protocol import encode_frame
 from vmha_protocol.heartbeat import Challenge, HeartbeatNack, InitAck
 from vmha_protocol.limits import MAX_FRAME_BYTES
+from vmha_protocol.nack import NackReason, nack_reason
 from vmha_protocol.server_group import ServerGroupNack
 from vmha_testbed.simguest import Behaviour, SimulatedGuest, acked
 
@@ -214,7 +215,23 @@ async def test_hostile_input_is_counted_nacked_and_harmless(harness: Harness) ->
     text = await harness.scrape()
     assert metric_value(text, "vmha_guest_frames_total", vm="a", result="garbage") == 1.0
     assert metric_value(text, "vmha_guest_frames_total", vm="a", result="oversize") == 1.0
-    assert metric_value(text, "vmha_guest_frames_total", vm="a", result="invalid") == 2.0
+    # The init without its fields is invalid; the status query is a valid frame, refused
+    # by the messenger (this VM is in no group) and counted there.
+    assert metric_value(text, "vmha_guest_frames_total", vm="a", result="invalid") == 1.0
+    [refusal] = [m for m in a.received if isinstance(m, ServerGroupNack)]
+    assert refusal.orig_msg_type == "status_query"
+    assert nack_reason(refusal.log_msg) is NackReason.MESSAGING_DISABLED
+    [heartbeat_refusal] = [m for m in a.received if isinstance(m, HeartbeatNack)]
+    assert nack_reason(heartbeat_refusal.log_msg) is NackReason.INVALID
+    assert (
+        metric_value(
+            text,
+            "vmha_messaging_guest_messages_total",
+            type="status_query",
+            result="messaging_disabled",
+        )
+        == 1.0
+    )
     # A flood: the guest's own budget drops it; the agent and the other guest carry on.
     a.send_raw(encode_frame({"version": 1, "dest_addr": "vmha.heartbeat", "data": {}}) * 2000)
     stats = harness.agent.sessions[("ns", "a")].stats

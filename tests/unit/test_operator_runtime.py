@@ -143,6 +143,7 @@ def test_production_webhooks_match_the_handlers() -> None:
         handler = registered[webhook.id]
         assert handler.reason is not None and handler.reason.value == webhook.kind
         assert tuple(handler.operations or ()) == webhook.operations
+        assert bool(handler.side_effects) == webhook.side_effects
         assert handler.selector is not None
         group, version, plural = webhook.resource
         assert (handler.selector.group, handler.selector.version) == (group, version)

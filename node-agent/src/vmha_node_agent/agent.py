@@ -14,6 +14,8 @@ from vmha_node_agent import web as endpoints
 from vmha_node_agent.config import AgentConfig
 from vmha_node_agent.doctor import DoctorReporter
 from vmha_node_agent.inventory import InventoryChange, VMAdded, VMRemoved, VMSource
+from vmha_node_agent.members import GroupDirectory
+from vmha_node_agent.messenger import GroupMessenger
 from vmha_node_agent.metrics import AgentMetrics
 from vmha_node_agent.reporting import LogSink, Reporters, TransitionSink
 from vmha_node_agent.session import VMSession
@@ -47,9 +49,12 @@ class NodeAgent:
         services: Sequence[Service] = (),
         sessions: dict[SessionKey, VMSession] | None = None,
         ready: Callable[[], bool] = lambda: True,
+        messenger: GroupMessenger | None = None,
     ) -> None:
         """`sessions`: the dict to keep sessions in, for components that need to reach a
-        VM's session (corrective actions give the guest notice through it)."""
+        VM's session (corrective actions give the guest notice through it, the messenger
+        writes to guests through it). `messenger`: the server group layer (default: one
+        that knows no groups, so every guest gets `messaging-disabled`)."""
         self.config = config
         self.metrics = metrics or AgentMetrics()
         self._sources = list(sources)
@@ -65,6 +70,9 @@ class NodeAgent:
             all_sinks.append(self.doctor)
         self.reporters = Reporters(all_sinks)
         self.sessions: dict[SessionKey, VMSession] = {} if sessions is None else sessions
+        self.messenger = messenger or GroupMessenger(
+            config, self.metrics, GroupDirectory(), self.sessions
+        )
         self.metrics_port: int | None = None
         self._runner: web.AppRunner | None = None
 
@@ -104,7 +112,7 @@ class NodeAgent:
                     return
                 if existing is not None:  # e.g. a new socket path after a restart
                     await self._end(vm.key, vm_removed=False)
-                session = VMSession(vm, self.config, self.metrics, self.reporters)
+                session = VMSession(vm, self.config, self.metrics, self.reporters, self.messenger)
                 self.sessions[vm.key] = session
                 session.start()
                 log.info(
@@ -125,6 +133,7 @@ class NodeAgent:
         log.info("%s: session ended", session.vm, extra={"namespace": key[0], "vm": key[1]})
 
     async def _shutdown(self) -> None:
+        await self.messenger.close()
         for key in list(self.sessions):
             await self._end(key, vm_removed=False)
         # Queued reports still worth delivering: in parallel, each within its own bound.

@@ -43,6 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="discover VMs and report through the Kubernetes API (default: when a kubeconfig "
         "is given or the agent runs in a pod)",
     )
+    parser.add_argument(
+        "--messaging-address", help="listen address of the agent-to-agent HTTPS endpoint"
+    )
+    parser.add_argument(
+        "--messaging-port", type=int, help="its port (0: any free port; default 9443)"
+    )
+    parser.add_argument(
+        "--advertise-address",
+        help="the address other agents use to reach this one (default: $POD_IP)",
+    )
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
     return parser.parse_args(argv)
@@ -63,6 +73,13 @@ def build_config(args: argparse.Namespace) -> AgentConfig:
     )
     if kube:
         overrides["kubernetes"] = config.kubernetes.model_copy(update=kube)
+    messaging = _given(
+        address=args.messaging_address,
+        port=args.messaging_port,
+        advertise_address=args.advertise_address,
+    )
+    if messaging:
+        overrides["messaging"] = config.messaging.model_copy(update=messaging)
     # Round-trip through validation so overrides are checked like the file is.
     return AgentConfig.model_validate({**config.model_dump(), **overrides})
 
@@ -79,12 +96,14 @@ def assemble(config: AgentConfig) -> NodeAgent:
     sinks: list[TransitionSink] = []
     services: list[Service] = []
     ready: Callable[[], bool] = lambda: True  # noqa: E731
+    messenger = None
     if config.kubernetes.wanted():
         parts = cluster.connect(config, metrics, sessions)
         sources.append(parts.source)
         sinks.extend(parts.sinks)
         services.extend(parts.services)
         ready = parts.source.ready
+        messenger = parts.messenger
     return NodeAgent(
         config,
         sources,
@@ -93,6 +112,7 @@ def assemble(config: AgentConfig) -> NodeAgent:
         services=services,
         sessions=sessions,
         ready=ready,
+        messenger=messenger,
     )
 
 

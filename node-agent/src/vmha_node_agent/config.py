@@ -132,6 +132,98 @@ class CorrectiveActionsConfig(_Section):
     retry_for_s: Annotated[float, Field(ge=0)] = 60.0
 
 
+class PeerTLS(_Section):
+    """Mutual TLS between agents (and with the operator): a CA and certificates shared by
+    every agent (the chart's Secret). The client certificate defaults to the serving one
+    (one certificate with both the serverAuth and clientAuth usages)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    @property
+    def complete(self) -> bool:
+        return None not in (self.ca_file, self.cert_file, self.key_file)
+
+    def client_pair(self) -> tuple[Path, Path]:
+        assert self.cert_file is not None and self.key_file is not None
+        if self.client_cert_file is not None and self.client_key_file is not None:
+            return self.client_cert_file, self.client_key_file
+        return self.cert_file, self.key_file
+
+
+class MessagingConfig(_Section):
+    """Server group messaging (PROTOCOL.md §5) and the agent-to-agent endpoint.
+
+    Members on this node always talk through this agent. Members on other nodes are
+    reached through their node's agent over HTTPS with mutual TLS, when `tls` and
+    `token_file` are set (the chart sets both); without them remote copies are dropped and
+    counted (`no_peer_transport`)."""
+
+    enabled: bool = True
+    # The agent-to-agent (and operator-to-agent) HTTPS endpoint.
+    address: str = "127.0.0.1"  # the chart sets 0.0.0.0
+    port: Annotated[int, Field(ge=0, le=65535)] = 9443
+    # Published in this agent's Lease; default $POD_IP, else `address` (0.0.0.0: refused).
+    advertise_address: str | None = Field(default_factory=lambda: os.environ.get("POD_IP"))
+    # Where the agents' Leases live (the agents' own namespace).
+    namespace: str = Field(default_factory=lambda: os.environ.get("POD_NAMESPACE") or "vmha-system")
+    tls: PeerTLS = PeerTLS()
+    # This agent's pod-bound ServiceAccount token with audience `token_audience` (a
+    # projected volume), sent to other agents; re-read when it changes.
+    token_file: Path | None = None
+    token_audience: str = "vmha.io/node-agent"
+    # ServiceAccounts (names in `namespace`, or "namespace/name") whose tokens are accepted:
+    # the agents' for broadcasts, the operator's for votes.
+    agent_service_account: str = "vmha-node-agent"
+    operator_service_account: str = "vmha-operator"
+    # Per VM: what a guest may send.
+    broadcasts_per_second: Annotated[float, Field(gt=0)] = 10.0
+    broadcast_burst: Annotated[int, Field(ge=1)] = 20
+    status_queries_per_second: Annotated[float, Field(gt=0)] = 5.0
+    status_query_burst: Annotated[int, Field(ge=1)] = 10
+    # A member's changes within this time make one notification (its latest state).
+    notification_delay_s: Annotated[float, Field(ge=0, le=0.5)] = 0.05
+    # How long a guest that does not read may hold up its status response.
+    status_write_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # Towards each other node: messages queued at most (beyond: dropped), per request,
+    # and how long a request may take.
+    peer_queue_size: Annotated[int, Field(ge=1)] = 1000
+    peer_batch_size: Annotated[int, Field(ge=1, le=256)] = 64
+    peer_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    # After a failed request, copies for that node are dropped for this long (doubling).
+    peer_retry_initial_s: Annotated[float, Field(gt=0)] = 0.5
+    peer_retry_max_s: Annotated[float, Field(gt=0)] = 10.0
+    # The Lease that publishes this agent's endpoint; older than its duration = agent down.
+    lease_duration_s: Annotated[int, Field(ge=5)] = 30
+    lease_renew_s: Annotated[float, Field(gt=0)] = 10.0
+    # Verdicts of TokenReview are kept until the token expires, at most this long.
+    token_cache_max_s: Annotated[float, Field(ge=0)] = 600.0
+    token_reviews_per_second: Annotated[float, Field(gt=0)] = 20.0
+    token_review_burst: Annotated[int, Field(ge=1)] = 50
+    # A vote on a revocable action waits for the guest at most this long (the operator's
+    # webhook must answer within its own timeout).
+    max_vote_s: Annotated[float, Field(ge=0)] = 7.0
+
+    @model_validator(mode="after")
+    def _lease_renewed_in_time(self) -> MessagingConfig:
+        if self.lease_renew_s * 2 > self.lease_duration_s:
+            raise ValueError("lease_renew_s must be at most half of lease_duration_s")
+        return self
+
+    def account(self, name: str) -> str:
+        """The user name Kubernetes gives tokens of ServiceAccount `name`."""
+        namespace, _, account = name.rpartition("/")
+        return f"system:serviceaccount:{namespace or self.namespace}:{account}"
+
+    @property
+    def peer_transport(self) -> bool:
+        """Whether this agent can reach other agents (and be reached)."""
+        return self.enabled and self.tls.complete and self.token_file is not None
+
+
 class StaticVM(_Section):
     """A VM given by configuration (no Kubernetes): its identity and channel socket."""
 
@@ -153,6 +245,7 @@ class AgentConfig(_Section):
     kubernetes: KubernetesConfig = KubernetesConfig()
     events: EventsConfig = EventsConfig()
     corrective_actions: CorrectiveActionsConfig = CorrectiveActionsConfig()
+    messaging: MessagingConfig = Field(default_factory=MessagingConfig)
     vms: list[StaticVM] = []
 
 

@@ -12,7 +12,10 @@ group's heartbeat settings). Once all three have listed, every VMI is resolved:
 A VMI that stops qualifying is let go (VMRemoved): it was deleted, left the node, started a
 live migration to another node (the target's agent attaches once `status.nodeName` moves),
 or its launcher Pod went away. A change of group or annotations only updates the policy of
-the running session.
+the running session (heartbeat switched on or off for it: a new session).
+
+Every VMI and VMGroup update is also handed, as it comes, to the `ClusterListener`s (the
+group directory, which follows members on every node).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import asyncio
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from vmha_node_agent.channelpath import Unresolved, channel_path, host_socket_path
 from vmha_node_agent.config import AgentConfig
@@ -45,12 +48,26 @@ from vmha_node_agent.kubevirt import (
     node_of,
     uid_of,
 )
+from vmha_node_agent.members import messaging_switch
 from vmha_node_agent.metrics import AgentMetrics
-from vmha_node_agent.policy import GROUP_LABEL, GroupHeartbeat, effective_policy, wants_heartbeat
+from vmha_node_agent.policy import (
+    GROUP_LABEL,
+    GroupHeartbeat,
+    effective_policy,
+    wants_heartbeat,
+    wants_messaging,
+)
 from vmha_node_agent.watch import Changed, Listed, Watcher, WatchUpdate
 
 log = logging.getLogger(__name__)
 Obj = dict[str, Any]
+
+
+class ClusterListener(Protocol):
+    """Also told of every VMI and VMGroup update (cluster-wide), after discovery."""
+
+    def vmis_changed(self, update: WatchUpdate) -> None: ...
+    def groups_changed(self, update: WatchUpdate) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -64,8 +81,15 @@ class Resolution:
 
 
 class KubernetesVMSource:
-    def __init__(self, api: KubeApi, config: AgentConfig, metrics: AgentMetrics) -> None:
+    def __init__(
+        self,
+        api: KubeApi,
+        config: AgentConfig,
+        metrics: AgentMetrics,
+        listeners: Sequence[ClusterListener] = (),
+    ) -> None:
         self._config = config
+        self._listeners = list(listeners)
         self._node = config.node_name
         self._kubelet_root = config.kubernetes.kubelet_root
         self._metrics = metrics
@@ -93,6 +117,7 @@ class KubernetesVMSource:
         self._pods_by_vmi: dict[str, set[str]] = {}
         self._pods_by_name: dict[Key, set[str]] = {}
         self._groups: dict[Key, GroupHeartbeat] = {}
+        self._group_messaging: dict[Key, bool] = {}
         self._waiting: dict[Key, VMRef] = {}  # resolved, socket not there yet
         self._attached: dict[Key, VMRef] = {}
         self._unresolved: dict[Key, str] = {}
@@ -137,6 +162,8 @@ class KubernetesVMSource:
                     self._vmis[key] = vmi
                     self._vmi_keys[uid_of(vmi)] = key
                 self._evaluate([key])
+        for listener in self._listeners:
+            listener.vmis_changed(update)
 
     def pods_changed(self, update: WatchUpdate) -> None:
         match update:
@@ -155,19 +182,24 @@ class KubernetesVMSource:
         match update:
             case Listed(objects):
                 self._groups = {key_of(g): GroupHeartbeat.from_group(g) for g in objects}
+                self._group_messaging = {key_of(g): messaging_switch(g) for g in objects}
                 self._synced_once("vmgroups", self._vmis)
             case Changed(kind, group):
                 key = key_of(group)
                 if kind == "DELETED":
                     self._groups.pop(key, None)
+                    self._group_messaging.pop(key, None)
                 else:
                     self._groups[key] = GroupHeartbeat.from_group(group)
+                    self._group_messaging[key] = messaging_switch(group)
                 namespace, name = key
                 self._evaluate(
                     k
                     for k, vmi in self._vmis.items()
                     if k[0] == namespace and labels_of(vmi).get(GROUP_LABEL) == name
                 )
+        for listener in self._listeners:
+            listener.groups_changed(update)
 
     def _synced_once(self, watch: str, keys: Iterable[Key]) -> None:
         first_time = not self.ready()
@@ -241,8 +273,12 @@ class KubernetesVMSource:
         labels, annotations = labels_of(vmi), annotations_of(vmi)
         group_name = labels.get(GROUP_LABEL)
         group = self._groups.get((key[0], group_name)) if group_name else None
-        if not wants_heartbeat(labels, annotations, group):
-            return Resolution(None, "heartbeat is not enabled for it")
+        heartbeat = wants_heartbeat(labels, annotations, group)
+        messaging = self._config.messaging.enabled and wants_messaging(
+            labels, self._group_messaging.get((key[0], group_name or ""))
+        )
+        if not heartbeat and not messaging:
+            return Resolution(None, "neither heartbeat nor messaging is enabled for it")
         try:
             in_pod = channel_path(vmi)
             pod = choose_launcher(vmi, self._launcher_candidates(vmi))
@@ -258,6 +294,7 @@ class KubernetesVMSource:
             name=key[1],
             socket_path=socket_path,
             uid=uid_of(vmi),
+            heartbeat=heartbeat,
             labels=tuple(sorted(labels.items())),
             policy=result.policy,
             origin=KUBERNETES,

@@ -36,7 +36,10 @@ from vmha_protocol.heartbeat import (
     GuestHeartbeatMessage,
     Init,
     InitAck,
+    NotificationType,
 )
+from vmha_protocol.limits import HEARTBEAT_MAX_LOG_BYTES
+from vmha_protocol.nack import NackReason, nack_text
 
 
 class HeartbeatState(enum.StrEnum):
@@ -195,16 +198,22 @@ class HeartbeatMonitor:
             if interval_ms != registration.interval_ms:
                 self.registration = replace(registration, interval_ms=interval_ms)
 
-    def notify_action(self, event_type: EventType, timeout_ms: int) -> bool:
-        """Tell a registered guest that `event_type` is coming, irrevocably, in `timeout_ms`.
-        False when it is not registered or the message could not be sent."""
+    def notify_action(
+        self,
+        event_type: EventType,
+        timeout_ms: int,
+        notification_type: NotificationType = "irrevocable",
+    ) -> bool:
+        """Tell a registered guest that `event_type` is coming in `timeout_ms` (irrevocable),
+        or ask for its vote within `timeout_ms` (revocable). False when it is not registered
+        or the message could not be sent."""
         if self.registration is None or self.state not in REGISTERED_STATES:
             return False
         notice = ActionNotify(
             invocation_id=self.registration.invocation_id,
             sequence=self._seq(),
             event_type=event_type,
-            notification_type="irrevocable",
+            notification_type=notification_type,
             timeout_ms=timeout_ms,
         )
         return self._send(self.registration.address, notice)
@@ -262,7 +271,14 @@ class HeartbeatMonitor:
             if message.heartbeat_response in self._recent:
                 self._observer.late_response()
                 return
-            raise self._error("heartbeat_response does not match the challenge", message)
+            raise self._error(
+                nack_text(
+                    NackReason.INVALID,
+                    "heartbeat_response does not match the challenge",
+                    HEARTBEAT_MAX_LOG_BYTES,
+                ),
+                message,
+            )
         self._outstanding = None
         self.missed = 0
         self._observer.response_received(
@@ -355,7 +371,7 @@ class HeartbeatMonitor:
         registration = self.registration
         if registration is None or self.state not in REGISTERED_STATES:
             raise ProtocolError(
-                "not registered: send init first",
+                nack_text(NackReason.NOT_REGISTERED, "send init first", HEARTBEAT_MAX_LOG_BYTES),
                 group=AppGroup.HEARTBEAT,
                 address=address,
                 msg_type=msg_type,
@@ -363,8 +379,11 @@ class HeartbeatMonitor:
             )
         if registration.invocation_id != invocation_id:
             raise ProtocolError(
-                f"unknown invocation_id {invocation_id}; registered as "
-                f"{registration.invocation_id}",
+                nack_text(
+                    NackReason.UNKNOWN_INVOCATION,
+                    f"invocation_id {invocation_id}; registered as {registration.invocation_id}",
+                    HEARTBEAT_MAX_LOG_BYTES,
+                ),
                 group=AppGroup.HEARTBEAT,
                 address=address,
                 msg_type=msg_type,

@@ -24,13 +24,15 @@ class VMRef:
 
     `policy` (None: the agent's configured one) and the other fields excluded from
     comparison can change under a running session; a change of the others means a new
-    session.
+    session. `heartbeat` False: the VM is attached for server group messaging only (its
+    group turned heartbeat off, or it opted out), and heartbeat messages are refused.
     """
 
     namespace: str
     name: str
     socket_path: Path
     uid: str = ""
+    heartbeat: bool = True
     labels: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     policy: HeartbeatPolicy | None = field(default=None, compare=False)
     # Which source found it: Kubernetes reporters only speak about VMIs.

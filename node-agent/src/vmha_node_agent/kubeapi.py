@@ -38,6 +38,8 @@ _METHODS: Final = {
     "update": "PUT",
     "patch": "PATCH",
     "delete": "DELETE",
+    # TokenReview: a POST that writes nothing, so it stays out of the write budget.
+    "review": "POST",
 }
 _WRITES: Final = frozenset({"create", "update", "patch", "delete"})
 
@@ -65,6 +67,8 @@ VMIS: Final = Resource("kubevirt.io", "v1", "virtualmachineinstances")
 VMS: Final = Resource("kubevirt.io", "v1", "virtualmachines")
 VMGROUPS: Final = Resource("vmha.io", "v1alpha1", "vmgroups")
 EVENTS: Final = Resource("events.k8s.io", "v1", "events")
+LEASES: Final = Resource("coordination.k8s.io", "v1", "leases")
+TOKENREVIEWS: Final = Resource("authentication.k8s.io", "v1", "tokenreviews")
 
 
 class KubeError(Exception):

@@ -92,6 +92,7 @@ class AgentMetrics:
             "vmha_doctor_queue_length", "Reports waiting for the inspector", registry=r
         )
         self._kubernetes_metrics(r)
+        self._messaging_metrics(r)
 
     def _kubernetes_metrics(self, r: CollectorRegistry) -> None:
         self.kube_requests = Counter(
@@ -167,6 +168,77 @@ class AgentMetrics:
             "vmha_corrective_actions",
             "Corrective actions by action and outcome (taken, failed, skipped_*)",
             ["action", "outcome"],
+            registry=r,
+        )
+
+    def _messaging_metrics(self, r: CollectorRegistry) -> None:
+        self.messaging_messages = Counter(
+            "vmha_messaging_guest_messages",
+            "Server group messages from guests, by type and result (accepted, "
+            "messaging_disabled, rate_limited, too_large, invalid, busy)",
+            ["type", "result"],
+            registry=r,
+        )
+        self.messaging_notifications = Counter(
+            "vmha_messaging_notifications",
+            "Notifications of a member's new state written to the other members' guests",
+            registry=r,
+        )
+        self.messaging_deliveries = Counter(
+            "vmha_messaging_deliveries",
+            "Broadcast copies written to guests on this node, by where they came from "
+            "(local: a guest on this node; peer: another node's agent)",
+            ["path"],
+            registry=r,
+        )
+        self.messaging_dropped = Counter(
+            "vmha_messaging_dropped",
+            "Broadcast copies dropped, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_queue = Gauge(
+            "vmha_peer_queue_length",
+            "Broadcast copies waiting to be sent to other nodes' agents",
+            registry=r,
+        )
+        self.peer_requests = Counter(
+            "vmha_peer_requests",
+            "Requests to other agents, by result (ok, refused, error, timeout)",
+            ["result"],
+            registry=r,
+        )
+        self.peer_served = Counter(
+            "vmha_peer_served",
+            "Requests received from other agents and the operator, by path and HTTP status",
+            ["path", "code"],
+            registry=r,
+        )
+        self.peer_refused = Counter(
+            "vmha_peer_refused",
+            "Requests or broadcast copies refused, by reason (no_client_cert, bad_token, "
+            "wrong_service_account, no_node, not_source_node, unknown_source, "
+            "messaging_disabled, target_not_local, malformed)",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_agents = Gauge(
+            "vmha_peer_agents",
+            "Other nodes' agents known from their Leases, by state (live, stale)",
+            ["state"],
+            registry=r,
+        )
+        self.token_reviews = Counter(
+            "vmha_token_reviews",
+            "Checks of callers' tokens: valid, invalid, cached, error, rate_limited",
+            ["result"],
+            registry=r,
+        )
+        self.votes = Counter(
+            "vmha_votes",
+            "Revocable actions put to guests, by result (accept, reject, and accepted "
+            "without an answer: timeout, not_registered, no_votes, not_here)",
+            ["result"],
             registry=r,
         )
 

@@ -85,6 +85,12 @@ def wants_heartbeat(
     return group is None or group.enabled
 
 
+def wants_messaging(labels: Mapping[str, str], group_messaging: bool | None) -> bool:
+    """A member of a group whose `spec.messaging` is on (or not seen yet) talks to its
+    group through the agent, with or without heartbeat."""
+    return bool(labels.get(GROUP_LABEL)) and group_messaging is not False
+
+
 def effective_policy(
     agent: HeartbeatPolicy, group: GroupHeartbeat | None, annotations: Mapping[str, str]
 ) -> PolicyResult:

@@ -1,8 +1,9 @@
 """The least-privilege RBAC rules the node agent needs, as data (the Helm chart mirrors them;
 the integration tests run every agent under exactly these rules).
 
-All cluster-wide (a ClusterRole bound to the DaemonSet's ServiceAccount): the VMIs on a
-node can be in any namespace.
+`node_agent_rules`: cluster-wide (a ClusterRole bound to the DaemonSet's ServiceAccount):
+the VMIs on a node can be in any namespace. `node_agent_namespace_rules`: in the agents'
+own namespace only (a Role): the Leases through which agents find each other.
 """
 
 from __future__ import annotations
@@ -29,4 +30,24 @@ def node_agent_rules() -> list[Rule]:
         {"apiGroups": ["vmha.io"], "resources": ["vmgroups"], "verbs": ["list", "watch"]},
         # Events on VMIs; repeats update the Event's series.
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        # Who calls the agent's HTTPS endpoint (another agent, and on which node; the
+        # operator): TokenReview of the caller's token.
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        },
+    ]
+
+
+def node_agent_namespace_rules() -> list[Rule]:
+    """A Role in the agents' namespace (`messaging.namespace`)."""
+    return [
+        # Each agent publishes its endpoint in Lease vmha-agent-<node>, renews it, deletes
+        # it at shutdown, and watches the others'.
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+        },
     ]

@@ -45,6 +45,8 @@ class GuestChannel:
         self._max_write_buffer = limits.max_write_buffer_bytes
         self._read_budget = TokenBucket(limits.bytes_per_second, limits.bytes_per_second)
         self._transport: asyncio.Transport | None = None
+        # Set whenever the guest has read enough of what we queued (or the channel dropped).
+        self._drained = asyncio.Event()
         self.connects = 0
         self.writes_dropped = 0
 
@@ -79,6 +81,32 @@ class GuestChannel:
         transport.write(frame)
         return True
 
+    async def send_when_writable(self, frame: bytes, timeout_s: float) -> bool:
+        """Queue a frame once the guest has read enough to make room for it; False when
+        the channel is down or stays full for `timeout_s` (a long answer paced to the
+        guest's reading, never beyond the write buffer)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            transport = self._transport
+            if transport is None or transport.is_closing():
+                return False
+            if transport.get_write_buffer_size() + len(frame) <= self._max_write_buffer:
+                transport.write(frame)
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._drained.clear()
+            # Woken by resume_writing; the short poll covers a buffer that never reached
+            # the high-water mark.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 0.1)):
+                    await self._drained.wait()
+
+    def writable(self) -> None:
+        self._drained.set()
+
     def close(self) -> None:
         self._close_transport()
 
@@ -94,6 +122,8 @@ class GuestChannel:
             log.debug("channel %s not reachable: %s", self.path, exc)
             return None
         assert isinstance(transport, asyncio.Transport)
+        # Told when the guest has read most of a long answer (see send_when_writable).
+        transport.set_write_buffer_limits(high=self._max_write_buffer // 2)
         self._transport = transport
         self.connects += 1
         self._listener.channel_connected()
@@ -153,6 +183,10 @@ class _ChannelProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False  # close our side too
 
+    def resume_writing(self) -> None:
+        self._channel.writable()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._channel.writable()
         if not self._closed.done():
             self._closed.set_result(str(exc) if exc else "closed by peer")

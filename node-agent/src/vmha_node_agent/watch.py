@@ -61,15 +61,18 @@ class Watcher:
         *,
         field_selector: str | None = None,
         label_selector: str | None = None,
+        namespace: str | None = None,
         timeout_s: int = 300,
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
         optional: bool = False,
     ) -> None:
         """`deliver` is called in the event loop, for each update, in order. `optional`: the
-        resource may not exist (a CRD not installed); until it does, it lists as empty."""
+        resource may not exist (a CRD not installed); until it does, it lists as empty.
+        `namespace`: watch one namespace (default: the whole cluster)."""
         self._api = api
         self._resource = resource
+        self._path = resource.path(namespace)
         self._deliver = deliver
         self._metrics = metrics
         self._selectors = {
@@ -138,7 +141,7 @@ class Watcher:
     def _list(self, reason: str) -> str:
         objects: list[dict[str, Any]] = []
         query = {**self._selectors, "limit": str(LIST_PAGE_SIZE)}
-        path = self._resource.path()
+        path = self._path
         while True:
             page = self._api.call("list", self._resource, path, query=query)
             objects.extend(page.get("items") or [])
@@ -162,7 +165,7 @@ class Watcher:
         }
         response = self._api.open_watch(
             self._resource,
-            self._resource.path(),
+            self._path,
             query,
             read_timeout_s=self._timeout_s + READ_TIMEOUT_MARGIN_S,
         )

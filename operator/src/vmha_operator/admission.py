@@ -82,6 +82,21 @@ def update_group(*, old: VMGroup, new: VMGroup, members: Sequence[str]) -> Verdi
     return ALLOW
 
 
+def vote_refused(*, kind: str, name: str, event_type: str, reason: str) -> Verdict:
+    """The guest of a group member rejected a revocable action (its vote)."""
+    return Verdict(
+        False,
+        f'{kind} "{name}": its guest rejected {event_type}: {reason} (rule: a guest '
+        "registered for votes may refuse a live migration or a stop while it is asked; "
+        "retry later, or stop the VM's guest application first)",
+    )
+
+
+def vote_not_asked(*, kind: str, name: str, reason: str) -> str:
+    """The warning when a guest could not be asked (the action goes ahead)."""
+    return f'{kind} "{name}": its guest was not asked for its vote: {reason}; allowed'
+
+
 def migrate(*, vmi: str, group: VMGroup | None) -> Verdict:
     """A VirtualMachineInstanceMigration of a member's VMI."""
     if group is None or group.spec.policy is not Policy.AFFINITY:

@@ -30,6 +30,7 @@ from vmha_operator.channel import DEFAULT_CHANNEL_PATH
 from vmha_operator.config import OperatorConfig, WebhookConfig
 from vmha_operator.handlers import build_registry, build_settings
 from vmha_operator.membership import ChannelSettings
+from vmha_operator.votes import VoteSettings
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,31 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_CHANNEL_PATH,
         help="socket path of the vmha channel inside virt-launcher (default: %(default)s)",
     )
+    votes = p.add_argument_group(
+        "votes on revocable actions (off unless the four files are given)",
+        "Before a group member is live-migrated or stopped, its guest is asked through the "
+        "node agent of its node (mutual TLS with the agents' CA, and a token for them).",
+    )
+    votes.add_argument(
+        "--agent-namespace",
+        default=os.environ.get("POD_NAMESPACE") or "vmha-system",
+        help="namespace of the node agents' Leases (default: $POD_NAMESPACE or vmha-system)",
+    )
+    votes.add_argument("--agent-ca-file", help="CA of the agents' certificates (PEM)")
+    votes.add_argument("--agent-cert-file", help="client certificate for the agents (PEM)")
+    votes.add_argument("--agent-key-file", help="its key (PEM)")
+    votes.add_argument(
+        "--agent-token-file",
+        help="this operator's ServiceAccount token with the agents' audience (a projected "
+        "volume, audience vmha.io/node-agent)",
+    )
+    votes.add_argument(
+        "--vote-timeout",
+        type=float,
+        default=7.0,
+        help="the most a guest gets to answer, in seconds (default %(default)s; keep it "
+        "well below the webhooks' timeout of 10 s)",
+    )
     logs = p.add_mutually_exclusive_group()
     logs.add_argument("--verbose", "-v", action="store_true")
     logs.add_argument("--debug", action="store_true")
@@ -115,6 +141,14 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
             managed=args.webhook_manage,
         ),
         instance=args.instance,
+        votes=VoteSettings(
+            agent_namespace=args.agent_namespace,
+            ca_file=args.agent_ca_file,
+            cert_file=args.agent_cert_file,
+            key_file=args.agent_key_file,
+            token_file=args.agent_token_file,
+            timeout_s=args.vote_timeout,
+        ),
     )
 
 

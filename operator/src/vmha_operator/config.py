@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from vmha_operator.membership import ChannelSettings
+from vmha_operator.votes import VoteSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,8 @@ class OperatorConfig:
     webhook: WebhookConfig = dataclasses.field(default_factory=WebhookConfig)
     # Who we are in Events (reportingInstance): the pod name in a cluster.
     instance: str = "vmha-operator"
+    # How to ask guests for their vote on revocable actions (off without TLS and token).
+    votes: VoteSettings = dataclasses.field(default_factory=VoteSettings)
 
     def covers(self, namespace: str | None) -> bool:
         """Whether this operator is responsible for objects in `namespace`."""

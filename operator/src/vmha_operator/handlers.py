@@ -11,6 +11,10 @@ Webhook paths (handler ids; kopf serves each at /<id>):
     validate-virtualmachine    VirtualMachine CREATE, UPDATE        joining a group
     validate-vmgroup           VMGroup UPDATE, DELETE               policy change, deletion
     validate-migration         VirtualMachineInstanceMigration CREATE
+
+The two that validate VirtualMachines and migrations also put revocable actions to the
+guest (`votes.py`): a migration of a member, an update that stops a member. That is a side
+effect, skipped for dry runs (sideEffects: NoneOnDryRun).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Final
 
 import kopf
 
-from vmha_operator import admission, kube
+from vmha_operator import admission, kube, votes
 from vmha_operator.api import GROUP, GROUP_LABEL, PLURAL, VERSION, VMGroup
 from vmha_operator.config import OperatorConfig
 from vmha_operator.membership import apply_membership, group_of, remove_membership
@@ -53,14 +57,18 @@ class Runtime:
         self.config = config
         self._client: kube.KubeClient | None = None
         self._reconciler: GroupReconciler | None = None
+        self._votes: votes.AgentVotes | None = None
 
     def start(self) -> None:
         self._client = kube.KubeClient(kube.load_configuration(self.config.kubeconfig))
         self._reconciler = GroupReconciler(
             self._client, self.config.channel, instance=self.config.instance
         )
+        self._votes = votes.AgentVotes(self.config.votes, self._client)
 
     async def stop(self) -> None:
+        if self._votes is not None:
+            await self._votes.close()
         if self._client is not None:
             await self._client.close()
 
@@ -69,6 +77,12 @@ class Runtime:
         if self._client is None:
             raise RuntimeError("the operator has not started")
         return self._client
+
+    @property
+    def votes(self) -> votes.AgentVotes:
+        if self._votes is None:
+            raise RuntimeError("the operator has not started")
+        return self._votes
 
     @property
     def reconciler(self) -> GroupReconciler:
@@ -208,26 +222,39 @@ def _register_admission(registry: kopf.OperatorRegistry, runtime: Runtime) -> No
         )
 
     @kopf.on.validate(
-        *VIRTUAL_MACHINES, id=VALIDATE_VM, operations=["CREATE", "UPDATE"], registry=registry
+        *VIRTUAL_MACHINES,
+        id=VALIDATE_VM,
+        operations=["CREATE", "UPDATE"],
+        side_effects=True,
+        registry=registry,
     )
     async def validate_virtualmachine(
-        *, body: kopf.Body, warnings: list[str], **kwargs: Any
+        *, body: kopf.Body, warnings: list[str], dryrun: bool, **kwargs: Any
     ) -> None:
         old: kopf.Body | None = kwargs.get("old")
         namespace = str(_meta(body).get("namespace") or "")
         group_name = group_of(body)
         if not config.covers(namespace) or group_name is None:
             return
-        if old is not None and group_of(old) == group_name:
-            return  # not joining: already a member
-        verdict = admission.join(
-            vm=_object_name(body),
-            namespace=namespace,
-            group_name=group_name,
-            group=await runtime.group(namespace, group_name),
-            members=await runtime.member_names(namespace, group_name),
-        )
-        _enforce(verdict, warnings)
+        if old is None or group_of(old) != group_name:  # joining
+            verdict = admission.join(
+                vm=_object_name(body),
+                namespace=namespace,
+                group_name=group_name,
+                group=await runtime.group(namespace, group_name),
+                members=await runtime.member_names(namespace, group_name),
+            )
+            _enforce(verdict, warnings)
+        elif votes.stops(old, body) and not dryrun:
+            name = _object_name(body)
+            await _vote(
+                runtime,
+                "VirtualMachine",
+                namespace=namespace,
+                name=name,
+                event_type=votes.STOP,
+                warnings=warnings,
+            )
 
     @kopf.on.validate(
         *VMGROUPS, id=VALIDATE_GROUP, operations=["UPDATE", "DELETE"], registry=registry
@@ -251,8 +278,16 @@ def _register_admission(registry: kopf.OperatorRegistry, runtime: Runtime) -> No
             return
         _enforce(verdict, warnings)
 
-    @kopf.on.validate(*MIGRATIONS, id=VALIDATE_MIGRATION, operations=["CREATE"], registry=registry)
-    async def validate_migration(*, body: kopf.Body, warnings: list[str], **_: Any) -> None:
+    @kopf.on.validate(
+        *MIGRATIONS,
+        id=VALIDATE_MIGRATION,
+        operations=["CREATE"],
+        side_effects=True,
+        registry=registry,
+    )
+    async def validate_migration(
+        *, body: kopf.Body, warnings: list[str], dryrun: bool, **_: Any
+    ) -> None:
         namespace = str(_meta(body).get("namespace") or "")
         vmi_name = (body.get("spec") or {}).get("vmiName")
         if not config.covers(namespace) or not vmi_name:
@@ -260,6 +295,43 @@ def _register_admission(registry: kopf.OperatorRegistry, runtime: Runtime) -> No
         group_name = await _group_of_instance(runtime, namespace, str(vmi_name))
         group = await runtime.group(namespace, group_name) if group_name else None
         _enforce(admission.migrate(vmi=str(vmi_name), group=group), warnings)
+        if group is not None and not dryrun:
+            await _vote(
+                runtime,
+                "VirtualMachineInstance",
+                namespace=namespace,
+                name=str(vmi_name),
+                event_type=votes.MIGRATE,
+                warnings=warnings,
+            )
+
+
+async def _vote(
+    runtime: Runtime,
+    kind: str,
+    *,
+    namespace: str,
+    name: str,
+    event_type: str,
+    warnings: list[str],
+) -> None:
+    """Put a revocable action on a running member to its guest; refuse on `reject`."""
+    if not runtime.config.votes.enabled:
+        return
+    vmi = await runtime.client.get(kube.VIRTUAL_MACHINE_INSTANCES.path(namespace, name))
+    node = votes.running_node(vmi)
+    if node is None:
+        return  # nothing runs: no guest to ask
+    ballot = await runtime.votes.ask(namespace, name, node, event_type)
+    logger.info("vote on %s of %s/%s (node %s): %s %s", event_type, namespace, name, node,
+                ballot.result, ballot.reason)  # fmt: skip
+    if ballot.result == "reject":
+        verdict = admission.vote_refused(
+            kind=kind, name=name, event_type=event_type, reason=ballot.reason
+        )
+        _enforce(verdict, warnings)
+    if not ballot.reached:
+        warnings.append(admission.vote_not_asked(kind=kind, name=name, reason=ballot.reason))
 
 
 async def _group_of_instance(runtime: Runtime, namespace: str, vmi_name: str) -> str | None:

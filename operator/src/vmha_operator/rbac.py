@@ -1,7 +1,9 @@
 """The least-privilege RBAC rules the operator needs, as data (the Helm chart mirrors them;
 an integration test runs the operator under exactly these rules).
 
-All rules are cluster-wide (a ClusterRole): VMGroups and their VMs can be in any namespace.
+`operator_rules`: cluster-wide (a ClusterRole): VMGroups and their VMs can be in any
+namespace. `operator_agent_namespace_rules`: a Role in the node agents' namespace, to find
+an agent (its Lease) when a guest is asked for its vote.
 """
 
 from __future__ import annotations
@@ -61,3 +63,15 @@ def operator_rules(*, manage_webhooks: bool = False, peering: bool = False) -> l
             }
         )
     return rules
+
+
+def operator_agent_namespace_rules() -> list[Rule]:
+    """A Role in the agents' namespace (`--agent-namespace`)."""
+    return [
+        # The agent of a VM's node publishes its endpoint in Lease vmha-agent-<node>.
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "list", "watch"],
+        },
+    ]

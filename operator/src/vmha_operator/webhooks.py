@@ -6,6 +6,9 @@ against the registered kopf handlers, so paths, resources and operations cannot 
 
 The two VirtualMachine webhooks select objects carrying the group label: on UPDATE the
 apiserver matches the old or the new object, so a VM that leaves its group is still seen.
+The VirtualMachine and migration validators ask guests for their vote (a side effect, not
+on dry runs: `NoneOnDryRun`); the guest gets at most the operator's --vote-timeout (7 s)
+of the 10 s the apiserver waits.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Webhook:
     resource: tuple[str, str, str]  # group, version, plural
     operations: tuple[str, ...]
     object_selector: dict[str, Any] | None = None
+    side_effects: bool = False  # NoneOnDryRun: asks guests, except for dry runs
 
     def configuration_entry(self, service: str, namespace: str, ca_bundle: str) -> dict[str, Any]:
         """One entry of a Mutating/ValidatingWebhookConfiguration's `webhooks` list."""
@@ -42,7 +46,7 @@ class Webhook:
         entry: dict[str, Any] = {
             "name": f"{self.id}.vmha.io",
             "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
+            "sideEffects": "NoneOnDryRun" if self.side_effects else "None",
             "failurePolicy": "Fail",
             "matchPolicy": "Equivalent",
             "timeoutSeconds": 10,
@@ -67,9 +71,16 @@ class Webhook:
 
 WEBHOOKS: tuple[Webhook, ...] = (
     Webhook(MUTATE_VM, "mutating", VIRTUAL_MACHINES, ("CREATE", "UPDATE"), MEMBER_SELECTOR),
-    Webhook(VALIDATE_VM, "validating", VIRTUAL_MACHINES, ("CREATE", "UPDATE"), MEMBER_SELECTOR),
+    Webhook(
+        VALIDATE_VM,
+        "validating",
+        VIRTUAL_MACHINES,
+        ("CREATE", "UPDATE"),
+        MEMBER_SELECTOR,
+        side_effects=True,
+    ),
     Webhook(VALIDATE_GROUP, "validating", VMGROUPS, ("UPDATE", "DELETE")),
-    Webhook(VALIDATE_MIGRATION, "validating", MIGRATIONS, ("CREATE",)),
+    Webhook(VALIDATE_MIGRATION, "validating", MIGRATIONS, ("CREATE",), side_effects=True),
 )
 
 

@@ -3,6 +3,11 @@ the guest side of the heartbeat protocol, without a VM.
 
 For the node agent's unit tests and benchmarks, where booting hundreds of QEMU guests is not
 possible. The end-to-end tier uses real guests (`vmha_testbed.qemu`) instead.
+
+Server group messaging: `send_broadcast`, `send_status_query` (or `query_status`, which
+waits for the whole answer), and what the host sent is kept in `received`
+(`notifications()`, `broadcasts()`, `nacks()`). Revocable actions are voted on with
+`vote_result` (None: never answer) and `vote_log_msg`.
 """
 
 from __future__ import annotations
@@ -26,12 +31,25 @@ from vmha_protocol import (
     encode_frame,
 )
 from vmha_protocol.heartbeat import (
+    ActionNotify,
+    ActionResponse,
     Challenge,
     ChallengeResponse,
     CorrectiveAction,
     Exit,
     Init,
     InitAck,
+    VoteResult,
+)
+from vmha_protocol.server_group import (
+    GuestBroadcast,
+    HostBroadcast,
+    MemberState,
+    Notification,
+    ServerGroupNack,
+    StatusQuery,
+    StatusResponse,
+    StatusResponseDone,
 )
 
 _invocations = itertools.count(1)
@@ -54,6 +72,8 @@ class SimulatedGuest:
         corrective_action: CorrectiveAction = "log",
         register: bool = True,
         lean: bool = False,
+        vote_secs: int = 5,
+        server_group_address: str = "vmha.server_group",
     ) -> None:
         self.socket_path = socket_path
         self.name = name
@@ -64,10 +84,17 @@ class SimulatedGuest:
         # Lean: answer challenges without validating or recording anything, so a benchmark
         # with hundreds of guests measures the agent rather than the simulator.
         self.lean = lean
+        self.vote_secs = vote_secs
+        self.server_group_address = server_group_address
+        # How to vote on a revocable action (None: never answer), and why.
+        self.vote_result: VoteResult | None = "accept"
+        self.vote_log_msg = ""
+        self._seq = 0
         self.behaviour = Behaviour.HEALTHY
         self.log_msg = ""
         self.invocation_id = 0
         self.received: list[HostMessage] = []
+        self.received_on: list[str] = []  # the group address each message came on
         self.errors: list[ProtocolError] = []
         self.on_challenge: Callable[[Challenge], None] | None = None
         self._server: asyncio.Server | None = None
@@ -108,7 +135,7 @@ class SimulatedGuest:
                 invocation_id=self.invocation_id,
                 name=self.name,
                 heartbeat_interval_ms=self.interval_ms,
-                vote_secs=5,
+                vote_secs=self.vote_secs,
                 shutdown_notice_secs=5,
                 suspend_notice_secs=5,
                 resume_notice_secs=5,
@@ -119,6 +146,41 @@ class SimulatedGuest:
 
     def send_exit(self, log_msg: str = "bye") -> None:
         self.send(Exit(invocation_id=self.invocation_id, log_msg=log_msg))
+
+    # -- server group messaging ------------------------------------------------------------
+
+    def send_broadcast(self, data: str) -> None:
+        self.send(GuestBroadcast(data=data), self.server_group_address)
+
+    def send_status_query(self) -> int:
+        """Ask for every member's state; returns the query's seq."""
+        self._seq += 1
+        self.send(StatusQuery(seq=self._seq), self.server_group_address)
+        return self._seq
+
+    async def query_status(self, timeout: float = 10.0) -> list[MemberState]:
+        """The members' states, once `status_response_done` for a new query came."""
+        seq = self.send_status_query()
+        await self.wait_for(lambda g: g.status_done(seq), timeout)
+        return self.status(seq)
+
+    def status_done(self, seq: int) -> bool:
+        return any(isinstance(m, StatusResponseDone) and m.seq == seq for m in self.received)
+
+    def status(self, seq: int) -> list[MemberState]:
+        return [m.data for m in self.received if isinstance(m, StatusResponse) and m.seq == seq]
+
+    def notifications(self) -> list[MemberState]:
+        return [m.data for m in self.received if isinstance(m, Notification)]
+
+    def broadcasts(self) -> list[HostBroadcast]:
+        return [m for m in self.received if isinstance(m, HostBroadcast)]
+
+    def nacks(self) -> list[ServerGroupNack]:
+        return [m for m in self.received if isinstance(m, ServerGroupNack)]
+
+    def action_notifies(self) -> list[ActionNotify]:
+        return [m for m in self.received if isinstance(m, ActionNotify)]
 
     async def wait_for(
         self, predicate: Callable[[SimulatedGuest], bool], timeout: float = 10.0
@@ -157,14 +219,31 @@ class SimulatedGuest:
                 self._answer_lean(data)
             return
         try:
-            message = decode_from_host(obj).message
+            inbound = decode_from_host(obj)
         except ProtocolError as error:
             self.errors.append(error)
             return
+        message = inbound.message
         self.received.append(message)
+        self.received_on.append(inbound.address)
         if isinstance(message, Challenge):
             self._answer(message)
+        elif isinstance(message, ActionNotify) and message.notification_type == "revocable":
+            self._vote(message)
         await self._notify()
+
+    def _vote(self, notify: ActionNotify) -> None:
+        if self.vote_result is None:
+            return
+        self.send(
+            ActionResponse(
+                invocation_id=notify.invocation_id,
+                event_type=notify.event_type,
+                notification_type="revocable",
+                vote_result=self.vote_result,
+                log_msg=self.vote_log_msg,
+            )
+        )
 
     def _answer(self, challenge: Challenge) -> None:
         if self.on_challenge is not None:
