@@ -42,7 +42,11 @@ pytestmark = pytest.mark.timeout(60)
 M = TypeVar("M", bound=BaseModel)
 WAIT_S = 15.0  # generous: the machine is shared and small
 FAST = HeartbeatTiming(
-    init_retry_first_s=0.3, init_retry_max_s=0.6, nack_reregister_delay_s=0.2, rejoin_min_s=1.0
+    init_retry_first_s=0.3,
+    init_retry_max_s=0.6,
+    nack_reregister_delay_s=0.2,
+    unavailable_retry_s=1.5,
+    rejoin_min_s=1.0,
 )
 
 
@@ -349,6 +353,22 @@ async def test_the_nack_reason_code_decides_whether_to_register_again(
             response = await host.challenge(init, 3)
             assert response.invocation_id == init.invocation_id
             assert host._inbox.empty()
+
+
+async def test_heartbeat_unavailable_for_the_vm_is_asked_again_only_rarely(pty: Pty) -> None:
+    # A VM in a group with messaging on but heartbeat off: the host refuses every init.
+    async with guest_and_host(pty) as (_, host):
+        init = await host.expect(Init)
+        host.send(
+            HeartbeatNack(
+                invocation_id=init.invocation_id,
+                log_msg="unavailable: heartbeat is not enabled for this VM",
+            )
+        )
+        with pytest.raises(TimeoutError):
+            await host.expect(Init, timeout=1.0)  # no retry at the usual 0.3-0.6 s pace
+        again = await host.expect(Init, timeout=WAIT_S)
+        assert again.invocation_id != init.invocation_id
 
 
 async def test_other_nacks_are_only_logged(pty: Pty, caplog: pytest.LogCaptureFixture) -> None:

@@ -40,7 +40,7 @@ from vmha_protocol.heartbeat import (
     InitAck,
     VoteResult,
 )
-from vmha_protocol.nack import nack_reason
+from vmha_protocol.nack import NackReason, nack_reason
 from vmha_protocol.types import truncate_utf8
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class HeartbeatTiming:
     init_retry_first_s: float = 1.0
     init_retry_max_s: float = 5.0
     nack_reregister_delay_s: float = 2.0
+    # The host says heartbeat is not available for this VM (e.g. only messaging is on):
+    # ask again rarely, in case that changes, without filling its log.
+    unavailable_retry_s: float = 60.0
     rejoin_min_s: float = 10.0
 
     def rejoin_after(self, interval_ms: int) -> float:
@@ -267,7 +270,11 @@ class HeartbeatClient:
     def _on_nack(self, nack: HeartbeatNack) -> None:
         log.warning("host rejected a message: %s", nack.log_msg or "(no reason given)")
         if not self._acknowledged.is_set() or asks_to_register(nack.log_msg):
-            delay_s = self._timing.nack_reregister_delay_s
+            delay_s = (
+                self._timing.unavailable_retry_s
+                if nack_reason(nack.log_msg) is NackReason.UNAVAILABLE
+                else self._timing.nack_reregister_delay_s
+            )
             log.info("registering again in %.1f s", delay_s)
             self._acknowledged.clear()
             self._keep_registered(delay_s)
