@@ -322,6 +322,22 @@ def test_wrong_challenge_value_is_an_error_and_a_late_one_is_counted(
         monitor.handle(ADDRESS, wrong)
 
 
+def test_a_resumed_guest_answering_every_queued_challenge_is_not_nacked(
+    monitor: HeartbeatMonitor, recorder: Recorder, clock: ManualClock
+) -> None:
+    monitor.handle(ADDRESS, make_init())
+    clock.advance(30.0)  # paused for 30 intervals: 30 challenges queued in the guest
+    assert monitor.state is HeartbeatState.FAILED
+    queued = [m for _, m in recorder.sent if isinstance(m, Challenge)]
+    for challenge in queued:  # answered in order once it runs again
+        response = answer(recorder).model_copy(
+            update={"heartbeat_response": challenge.heartbeat_challenge}
+        )
+        monitor.handle(ADDRESS, response)  # raises ProtocolError if called wrong
+    assert recorder.late == len(queued) - 1
+    assert monitor.state is HeartbeatState.HEALTHY
+
+
 @pytest.mark.parametrize("registered", [False, True])
 def test_response_without_matching_registration_is_an_error(
     monitor: HeartbeatMonitor, recorder: Recorder, registered: bool
@@ -392,3 +408,30 @@ def test_a_stalled_loop_does_not_burst_challenges(
     clock.now += 10.0  # the loop was blocked for 10 intervals
     clock.advance(0.0)
     assert recorder.challenges == 2
+
+
+def test_a_guest_registered_before_must_register_again_in_time(
+    monitor: HeartbeatMonitor, recorder: Recorder, clock: ManualClock
+) -> None:
+    monitor.expect_registration(30.0)
+    clock.advance(29.0)
+    assert monitor.state is HeartbeatState.WAITING_FOR_INIT
+    clock.advance(2.0)  # it hung while no agent watched it
+    assert states(recorder) == [("waiting_for_init", "failed", "missed")]
+    assert recorder.transitions[-1].is_fault
+    monitor.handle(ADDRESS, make_init())  # it comes back
+    assert states(recorder)[-1] == ("failed", "healthy", "registered")
+    assert recorder.transitions[-1].clears_fault
+
+
+def test_a_guest_that_registers_again_in_time_is_no_fault(
+    monitor: HeartbeatMonitor, recorder: Recorder, clock: ManualClock
+) -> None:
+    monitor.expect_registration(30.0)
+    clock.advance(1.0)
+    monitor.handle(ADDRESS, make_init())
+    for _ in range(60):  # past the 30 s: the registration cancelled the deadline
+        monitor.handle(ADDRESS, answer(recorder))
+        clock.advance(1.0)
+    assert [t.reason for t in recorder.transitions].count(TransitionReason.MISSED) == 0
+    assert monitor.state is HeartbeatState.HEALTHY

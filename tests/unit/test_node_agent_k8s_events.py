@@ -8,10 +8,15 @@ import json
 
 import pytest
 
-from vmha_node_agent.annotations import annotation_value, parse_annotation, same_state
+from vmha_node_agent.annotations import (
+    annotation_value,
+    parse_annotation,
+    reregister_within_s,
+    same_state,
+)
 from vmha_node_agent.events import MISSED, is_reattach, transition_event
 from vmha_node_agent.eventseries import EventKey, SeriesBook
-from vmha_node_agent.heartbeat import HeartbeatState, Transition, TransitionReason
+from vmha_node_agent.heartbeat import HeartbeatState, Registration, Transition, TransitionReason
 
 S = HeartbeatState
 R = TransitionReason
@@ -147,6 +152,28 @@ def test_the_annotation_carries_state_reason_since_and_node() -> None:
     assert value["since"] == "2026-01-01T00:00:00Z"
     assert value["node"] == "node-a"
     assert len(value["detail"]) == 256
+
+
+def test_the_annotation_tells_the_next_agent_how_soon_to_expect_a_registration() -> None:
+    registration = Registration(
+        address="vmha.heartbeat", invocation_id=1, name="app", requested_interval_ms=5000,
+        interval_ms=5000, corrective_action="log", vote_secs=0, shutdown_notice_secs=0,
+        suspend_notice_secs=0, resume_notice_secs=0, restart_secs=0,
+    )  # fmt: skip
+    registered = Transition(S.WAITING_FOR_INIT, S.HEALTHY, R.REGISTERED, "", 0.0, registration)
+    value = annotation_value(registered, "node-a")
+    assert value["interval_ms"] == "5000"
+
+    def vmi(shown: dict[str, str] | str) -> dict[str, object]:
+        raw = shown if isinstance(shown, str) else json.dumps(shown)
+        return {"metadata": {"annotations": {"vmha.io/heartbeat": raw}}}
+
+    assert reregister_within_s(vmi(value), grace_s=30) == 60  # 12 intervals of 5 s
+    assert reregister_within_s(vmi(value | {"interval_ms": "100"}), grace_s=30) == 30
+    assert reregister_within_s(vmi("failed"), grace_s=30) == 30  # was registered: hung
+    for never in ("waiting_for_init", "deregistered"):
+        assert reregister_within_s(vmi({"state": never}), grace_s=30) is None
+    assert reregister_within_s({"metadata": {}}, grace_s=30) is None
 
 
 def test_the_annotation_is_read_back_as_json_or_a_bare_state() -> None:

@@ -44,13 +44,34 @@ VMILookup = Callable[[Key], Mapping[str, Any] | None]
 
 
 def annotation_value(change: Transition, node: str) -> dict[str, str]:
-    return {
+    value = {
         "state": change.current.value,
         "reason": change.reason.value,
         "since": rfc3339(change.wall_time),
         "node": node,
         "detail": change.detail[:MAX_DETAIL_CHARS],
     }
+    if change.registration is not None:
+        # Lets the next agent (after a restart or a migration) know how soon to expect the
+        # guest to register again.
+        value["interval_ms"] = str(change.registration.interval_ms)
+    return value
+
+
+REGISTERED_STATES_SHOWN: Final = frozenset({"healthy", "unhealthy", "failed"})
+
+
+def reregister_within_s(vmi: Mapping[str, Any], grace_s: float) -> float | None:
+    """How long the guest of `vmi` may take to register with a new agent, when its
+    annotation says it was registered; None when it was not (or nothing is known)."""
+    shown = parse_annotation(vmi)
+    if shown is None or shown.get("state") not in REGISTERED_STATES_SHOWN:
+        return None
+    try:
+        interval_s = int(shown.get("interval_ms", 0)) / 1000
+    except (TypeError, ValueError):
+        interval_s = 0.0
+    return max(grace_s, 12 * interval_s)
 
 
 def parse_annotation(vmi: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -26,6 +26,10 @@ class HeartbeatPolicy(_Section):
     max_interval_ms: Annotated[int, Field(ge=10)] = 60_000
     missed_threshold: Annotated[int, Field(ge=1, le=100)] = 3
     corrective_action: CorrectiveAction = "log"
+    # A VM whose annotation says it was registered (before an agent restart, or on the node it
+    # migrated from) must register again within this long — or 12 of its intervals, if more —
+    # or it is failed: a guest that hung while no agent watched is still found.
+    reregister_grace_s: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="after")
     def _ordered(self) -> HeartbeatPolicy:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from vmha_node_agent.annotations import reregister_within_s
 from vmha_node_agent.channelpath import Unresolved, channel_path, host_socket_path
 from vmha_node_agent.config import AgentConfig
 from vmha_node_agent.inventory import KUBERNETES, InventoryChange, VMAdded, VMRef, VMRemoved
@@ -298,6 +299,7 @@ class KubernetesVMSource:
             labels=tuple(sorted(labels.items())),
             policy=result.policy,
             origin=KUBERNETES,
+            reregister_within_s=reregister_within_s(vmi, result.policy.reregister_grace_s),
         )
         return Resolution(vm)
 

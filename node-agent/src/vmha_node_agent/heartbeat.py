@@ -137,6 +137,10 @@ class _Outstanding:
     sent_at: float
 
 
+# How many past challenges are remembered as "late, not wrong" (64 intervals of silence).
+RECENT_CHALLENGES = 64
+
+
 class HeartbeatMonitor:
     def __init__(
         self,
@@ -156,8 +160,9 @@ class HeartbeatMonitor:
         self.registration: Registration | None = None
         self.missed = 0
         self._outstanding: _Outstanding | None = None
-        # Values of recent challenges, to tell a late answer from a wrong one.
-        self._recent: deque[int] = deque(maxlen=policy.missed_threshold + 1)
+        # Values of recent challenges, to tell a late answer from a wrong one: a guest that
+        # was paused answers every challenge queued meanwhile when it resumes.
+        self._recent: deque[int] = deque(maxlen=RECENT_CHALLENGES)
         self._timer: TimerHandle | None = None
         self._next_tick = 0.0
         self._sequence = 0
@@ -184,6 +189,21 @@ class HeartbeatMonitor:
         if vm_removed and self.state in REGISTERED_STATES:
             self._enter(HeartbeatState.DEREGISTERED, TransitionReason.REMOVED, "VM removed")
 
+    def expect_registration(self, within_s: float) -> None:
+        """The guest was registered before this monitor existed (the agent restarted, or the
+        VM migrated here): unless it registers within `within_s`, it is failed."""
+        if self.state is HeartbeatState.WAITING_FOR_INIT:
+            when = self._scheduler.time() + within_s
+            self._timer = self._scheduler.call_at(
+                when, lambda: self._registration_overdue(within_s)
+            )
+
+    def _registration_overdue(self, within_s: float) -> None:
+        self._timer = None
+        if self.state is HeartbeatState.WAITING_FOR_INIT:
+            detail = f"registered before, but not again within {within_s:.0f} s of reattaching"
+            self._enter(HeartbeatState.FAILED, TransitionReason.MISSED, detail)
+
     def update_policy(self, policy: HeartbeatPolicy) -> None:
         """Apply new bounds and threshold to the running session. The challenge already
         scheduled keeps its time; the new interval counts from the next challenge, the new
@@ -191,7 +211,6 @@ class HeartbeatMonitor:
         if policy == self._policy:
             return
         self._policy = policy
-        self._recent = deque(self._recent, maxlen=policy.missed_threshold + 1)
         registration = self.registration
         if registration is not None:
             interval_ms = policy.clamp_interval_ms(registration.requested_interval_ms)

@@ -37,6 +37,9 @@ class VMRef:
     policy: HeartbeatPolicy | None = field(default=None, compare=False)
     # Which source found it: Kubernetes reporters only speak about VMIs.
     origin: str = field(default=STATIC, compare=False)
+    # Seconds within which the guest must register (it was registered before this session);
+    # None: nothing is known, so a guest that never registers is not a fault.
+    reregister_within_s: float | None = field(default=None, compare=False)
 
     @property
     def key(self) -> tuple[str, str]:

@@ -114,6 +114,8 @@ class VMSession:
         self.heartbeat = HeartbeatMonitor(
             vm.policy or config.heartbeat, self._send, self, asyncio.get_running_loop()
         )
+        if vm.heartbeat and vm.reregister_within_s is not None:
+            self.heartbeat.expect_registration(vm.reregister_within_s)
         self._task: asyncio.Task[None] | None = None
         self._action_done: dict[str, asyncio.Future[None]] = {}
         self._votes: dict[str, asyncio.Future[ActionResponse]] = {}
