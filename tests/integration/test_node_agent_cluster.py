@@ -721,6 +721,34 @@ def test_agent_restart_reattaches_without_a_false_fault(world: World, agents: Ag
         assert world.count(name, "HeartbeatRegistered") == 1
 
 
+def test_a_guest_that_hung_while_no_agent_watched_is_found_after_the_restart(
+    world: World, agents: Agents
+) -> None:
+    world.group("web", {"minIntervalMs": 100, "missedThreshold": 3})
+    agent = agents.start("node-a", {"heartbeat": {"reregister_grace_s": 2.0}})
+    world.start_vm("a", "node-a", group="web")
+    wait_registered(world, "a")
+    wait_state(world, "a", "healthy")
+
+    agent.stop()
+    guest = world.vms["a"].guest
+    eventually(lambda: not guest.connected, "disconnect")
+    guest.register, guest.behaviour = False, Behaviour.SILENT  # hung: it will never register
+    agent.start()
+    failed = wait_state(world, "a", "failed", node="node-a")
+    assert failed["reason"] == "missed"
+    assert "not again within" in failed["detail"]
+    eventually(lambda: world.count("a", "HeartbeatFailed") == 1, "HeartbeatFailed Event")
+
+    guest.register, guest.behaviour = True, Behaviour.HEALTHY
+
+    async def comes_back() -> None:  # on the guests' loop: registered, the fault ends
+        guest.send_init()
+
+    world.guests.call(comes_back())
+    wait_state(world, "a", "healthy", node="node-a")
+
+
 def test_a_vmi_moved_from_node_a_to_node_b_is_followed_without_a_fault(
     world: World, agents: Agents
 ) -> None:
