@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -27,41 +24,9 @@ from vmha_protocol.heartbeat import (
     InitAck,
 )
 from vmha_protocol.nack import NackReason, nack_reason
+from vmha_testbed.manualclock import ManualClock
 
 ADDRESS = "cgcs.heartbeat"
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._timers: list[tuple[float, int, _Timer]] = []
-        self._order = itertools.count()
-
-    def time(self) -> float:
-        return self.now
-
-    def call_at(self, when: float, callback: Callable[[], object]) -> _Timer:
-        timer = _Timer(callback)
-        heapq.heappush(self._timers, (when, next(self._order), timer))
-        return timer
-
-    def advance(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self._timers and self._timers[0][0] <= end:
-            when, _, timer = heapq.heappop(self._timers)
-            self.now = max(self.now, when)
-            if not timer.cancelled:
-                timer.callback()
-        self.now = end
-
-
-@dataclass
-class _Timer:
-    callback: Callable[[], object]
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 @dataclass

@@ -3,9 +3,7 @@ action narrowed by the guest, the action limits, and a policy applied to a runni
 
 from __future__ import annotations
 
-import heapq
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +22,7 @@ from vmha_protocol.heartbeat import (
     CorrectiveAction,
     Init,
 )
+from vmha_testbed.manualclock import ManualClock
 
 AGENT = HeartbeatPolicy(
     min_interval_ms=100, max_interval_ms=60_000, missed_threshold=3, corrective_action="log"
@@ -213,46 +212,13 @@ def test_a_node_limit_of_zero_allows_no_disruptive_action() -> None:
 # --- a new policy for a running session -------------------------------------------------------
 
 
-class ManualScheduler:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._timers: list[tuple[float, int, _Timer]] = []
-        self._order = itertools.count()
-
-    def time(self) -> float:
-        return self.now
-
-    def call_at(self, when: float, callback: Callable[[], object]) -> _Timer:
-        timer = _Timer(callback)
-        heapq.heappush(self._timers, (when, next(self._order), timer))
-        return timer
-
-    def advance(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self._timers and self._timers[0][0] <= end:
-            when, _, timer = heapq.heappop(self._timers)
-            self.now = max(self.now, when)
-            if not timer.cancelled:
-                timer.callback()
-        self.now = end
-
-
-@dataclass
-class _Timer:
-    callback: Callable[[], object]
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
 @dataclass
 class Guest:
     """Records what the monitor sends and sees; answers nothing by itself."""
 
     sent: list[tuple[float, BaseModel]] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
-    clock: ManualScheduler = field(default_factory=ManualScheduler)
+    clock: ManualClock = field(default_factory=ManualClock)
 
     def send(self, address: str, message: BaseModel) -> bool:
         self.sent.append((self.clock.now, message))
