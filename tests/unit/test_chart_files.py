@@ -1,6 +1,7 @@
 """The files around the Helm chart that need no cluster and no helm: the chart's copy of the
-VMGroup CRD, its values documented in docs/install.md, the Dockerfiles, kind-config.yaml and
-the user's kind script (shellcheck-clean, pointing at files that exist)."""
+VMGroup CRD and kopf's peering CRDs, its values documented in docs/install.md, the
+Dockerfiles, kind-config.yaml and the user's kind script (shellcheck-clean, pointing at files
+that exist)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kopf._cogs.structs import references
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "vmha"
@@ -30,6 +32,37 @@ def test_the_chart_ships_the_crds_of_crds_directory_through_symlinks() -> None:
         assert link.is_symlink(), f"{link.relative_to(REPO_ROOT)} should link to {source}"
         assert link.resolve() == source.resolve()
         assert not Path(link.readlink()).is_absolute()  # works in any checkout
+
+
+@pytest.mark.parametrize(
+    ("file_name", "namespaced"),
+    [("clusterkopfpeerings.kopf.dev.yaml", False), ("kopfpeerings.kopf.dev.yaml", True)],
+)
+def test_the_chart_ships_the_peering_crds_kopf_looks_for(file_name: str, namespaced: bool) -> None:
+    """A standby operator peers through the resource kopf selects for its mode: cluster-wide
+    (ClusterKopfPeering) or, serving some namespaces, namespaced (KopfPeering). kopf has no
+    public name for these selectors; its internal ones are the truth."""
+    crd = yaml.safe_load((CHART / "crds" / file_name).read_text())
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == f"{spec['names']['plural']}.{spec['group']}"
+    (version,) = spec["versions"]
+    resource = references.Resource(
+        group=spec["group"],
+        version=version["name"],
+        plural=spec["names"]["plural"],
+        kind=spec["names"]["kind"],
+        singular=spec["names"]["singular"],
+        namespaced=spec["scope"] == "Namespaced",
+    )
+    assert resource.namespaced is namespaced
+    wanted = references.NAMESPACED_PEERINGS_K if namespaced else references.CLUSTER_PEERINGS_K
+    other = references.CLUSTER_PEERINGS_K if namespaced else references.NAMESPACED_PEERINGS_K
+    assert wanted.check(resource)
+    assert not other.check(resource)
+    # kopf writes its peers' keep-alives into a free-form status (no status subresource).
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert status["x-kubernetes-preserve-unknown-fields"] is True
+    assert "subresources" not in version
 
 
 # --- values: schema, values.yaml and docs/install.md agree ------------------------------------

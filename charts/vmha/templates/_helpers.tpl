@@ -65,6 +65,63 @@
 {{- if gt (int .Values.operator.replicas) 1 }}true{{ end }}
 {{- end }}
 
+{{/* Peering through a KopfPeering in each watched namespace (kopf's choice for an operator
+that serves only some namespaces) instead of one ClusterKopfPeering. */}}
+{{- define "vmha.operator.namespacedPeering" -}}
+{{- if and (include "vmha.operator.peering" .) .Values.operator.watchNamespaces }}true{{ end }}
+{{- end }}
+
+{{/* Messaging ------------------------------------------------------------------------- */}}
+
+{{/* Server group messaging between agents: needs the agents. */}}
+{{- define "vmha.messaging" -}}
+{{- if and .Values.nodeAgent.enabled .Values.messaging.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Votes: the operator asks guests through their agents. */}}
+{{- define "vmha.votes" -}}
+{{- if and (include "vmha.messaging" .) .Values.votes.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The audience of the tokens agents and the operator show each other (the agents'
+`messaging.token_audience` default). */}}
+{{- define "vmha.messaging.audience" -}}
+vmha.io/node-agent
+{{- end }}
+
+{{/* Where the pods find their messaging certificate (ca.crt, tls.crt, tls.key) and token. */}}
+{{- define "vmha.messaging.tlsDir" -}}
+/etc/vmha/messaging-tls
+{{- end }}
+
+{{- define "vmha.messaging.tokenDir" -}}
+/var/run/secrets/vmha
+{{- end }}
+
+{{- define "vmha.messaging.caSecretName" -}}
+{{- printf "%s-messaging-ca" (include "vmha.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "vmha.nodeAgent.tlsSecretName" -}}
+{{- printf "%s-tls" (include "vmha.nodeAgent.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "vmha.operator.messagingSecretName" -}}
+{{- printf "%s-messaging-tls" (include "vmha.operator.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The projected volume with a pod's own ServiceAccount token for the agents: bound to
+the pod (so the agents learn its node from TokenReview), renewed by the kubelet. */}}
+{{- define "vmha.messaging.tokenVolume" -}}
+- name: messaging-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          audience: {{ include "vmha.messaging.audience" . }}
+          expirationSeconds: {{ int .Values.messaging.tokenExpirationSeconds }}
+          path: token
+{{- end }}
+
 {{/* Labels ----------------------------------------------------------------------------- */}}
 
 {{- define "vmha.labels" -}}
@@ -150,4 +207,64 @@ do not replace the certificate: `lookup` sees the cluster on install/upgrade, no
 {{- $_ := set . "vmhaWebhookTLS" $tls }}
 {{- end }}
 {{- index . "vmhaWebhookTLS" | toJson }}
+{{- end }}
+
+{{/* The certificates the agents' CA signs, as a JSON list: each with its Secret, its name
+(cert-manager Certificate and common name), its `key` in vmha.messaging.tls, the labels of
+its owner and its usages (cert-manager; Helm's genSignedCert gives serverAuth and
+clientAuth). The agents share one; with votes the operator has its own. */}}
+{{- define "vmha.messaging.leaves" -}}
+{{- $leaves := list (dict
+  "secret" (include "vmha.nodeAgent.tlsSecretName" .)
+  "name" (include "vmha.nodeAgent.name" .)
+  "key" "agent"
+  "labels" (include "vmha.nodeAgent.labels" .)
+  "usages" (list "server auth" "client auth" "digital signature")) }}
+{{- if include "vmha.votes" . }}
+{{- $leaves = append $leaves (dict
+  "secret" (include "vmha.operator.messagingSecretName" .)
+  "name" (printf "%s-messaging" (include "vmha.operator.name" .))
+  "key" "operator"
+  "labels" (include "vmha.operator.labels" .)
+  "usages" (list "client auth" "digital signature")) }}
+{{- end }}
+{{- toJson $leaves }}
+{{- end }}
+
+{{/* The agents' CA and the certificates it signs (without cert-manager), as JSON with base64
+PEM `ca`, `caKey` and `<key>Cert`, `<key>Key` of each of vmha.messaging.leaves. Memoized
+like vmha.webhook.tls. Kept
+across upgrades: the CA from its Secret (so a leaf can be renewed alone: delete its Secret),
+each leaf from its Secret while that still names the same CA. */}}
+{{- define "vmha.messaging.tls" -}}
+{{- if not (hasKey . "vmhaMessagingTLS") }}
+{{- $namespace := .Release.Namespace }}
+{{- $days := int .Values.messaging.certificateValidityDays }}
+{{- $fullname := include "vmha.fullname" . }}
+{{- $stored := dig "data" (dict) (lookup "v1" "Secret" $namespace (include "vmha.messaging.caSecretName" .)) }}
+{{- $ca := dict }}
+{{- if and (index $stored "tls.crt") (index $stored "tls.key") }}
+{{- $ca = buildCustomCert (index $stored "tls.crt") (index $stored "tls.key") }}
+{{- else }}
+{{- $ca = genCA (printf "%s-messaging-ca" $fullname) $days }}
+{{- end }}
+{{- $tls := dict "ca" ($ca.Cert | b64enc) "caKey" ($ca.Key | b64enc) }}
+{{- range $leaf := include "vmha.messaging.leaves" . | fromJsonArray }}
+{{- $data := dig "data" (dict) (lookup "v1" "Secret" $namespace $leaf.secret) }}
+{{- if and (eq (index $data "ca.crt" | default "") $tls.ca) (index $data "tls.crt") (index $data "tls.key") }}
+{{- $_ := set $tls (printf "%sCert" $leaf.key) (index $data "tls.crt") }}
+{{- $_ := set $tls (printf "%sKey" $leaf.key) (index $data "tls.key") }}
+{{- else }}
+{{- $cert := genSignedCert $leaf.name nil nil $days $ca }}
+{{- $_ := set $tls (printf "%sCert" $leaf.key) ($cert.Cert | b64enc) }}
+{{- $_ := set $tls (printf "%sKey" $leaf.key) ($cert.Key | b64enc) }}
+{{- end }}
+{{- end }}
+{{- $_ := set . "vmhaMessagingTLS" $tls }}
+{{- end }}
+{{- index . "vmhaMessagingTLS" | toJson }}
+{{- end }}
+
+{{- define "vmha.certManager.selfSignedIssuer" -}}
+{{- printf "%s-selfsigned" (include "vmha.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}

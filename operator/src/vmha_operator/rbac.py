@@ -3,7 +3,8 @@ an integration test runs the operator under exactly these rules).
 
 `operator_rules`: cluster-wide (a ClusterRole): VMGroups and their VMs can be in any
 namespace. `operator_agent_namespace_rules`: a Role in the node agents' namespace, to find
-an agent (its Lease) when a guest is asked for its vote.
+an agent (its Lease) when a guest is asked for its vote. `operator_peering_namespace_rules`:
+a Role in each namespace a standby-capable operator serves (`--peering` with `--namespace`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ Rule = dict[str, Any]
 
 def operator_rules(*, manage_webhooks: bool = False, peering: bool = False) -> list[Rule]:
     """Rules for `vmha-operator`; `manage_webhooks` for --webhook-manage (development only),
-    `peering` for --peering (cluster-wide kopf peering between replicas)."""
+    `peering` for --peering of a cluster-wide operator (no --namespace): kopf peers through
+    a ClusterKopfPeering. With --namespace it peers through a KopfPeering in each served
+    namespace instead, which `operator_peering_namespace_rules` grants there."""
     rules: list[Rule] = [
         # Watch groups, write their status.
         {"apiGroups": ["vmha.io"], "resources": ["vmgroups"], "verbs": ["get", "list", "watch"]},
@@ -73,5 +76,17 @@ def operator_agent_namespace_rules() -> list[Rule]:
             "apiGroups": ["coordination.k8s.io"],
             "resources": ["leases"],
             "verbs": ["get", "list", "watch"],
+        },
+    ]
+
+
+def operator_peering_namespace_rules() -> list[Rule]:
+    """A Role in each namespace the operator serves (`--namespace`) when it runs with
+    `--peering`: kopf keeps its replicas' keep-alives in the KopfPeering object there."""
+    return [
+        {
+            "apiGroups": ["kopf.dev"],
+            "resources": ["kopfpeerings"],
+            "verbs": ["get", "list", "watch", "patch"],
         },
     ]

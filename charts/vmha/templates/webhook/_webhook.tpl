@@ -1,11 +1,12 @@
 {{/* One entry of a webhook configuration's `webhooks` (Webhook.configuration_entry in
 vmha_operator.webhooks). Arguments: root, caBundle, id, group, version, resource, operations,
-members (only objects carrying the group label). */}}
+members (only objects carrying the group label), votes (the webhook asks guests to vote: a
+side effect, skipped on dry runs). */}}
 {{- define "vmha.webhook.entry" -}}
 {{- $root := .root -}}
 - name: {{ .id }}.vmha.io
   admissionReviewVersions: [v1]
-  sideEffects: None
+  sideEffects: {{ if .votes }}NoneOnDryRun{{ else }}None{{ end }}
   failurePolicy: Fail
   matchPolicy: Equivalent
   timeoutSeconds: 10
