@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -62,13 +64,13 @@ class Peer:
             await self._runner.cleanup()
 
 
-@pytest.fixture
-def tls(tmp_path: Path) -> RotatingContexts:
-    ca = CertificateAuthority.create("agents")
+def write_agent_tls(tmp_path: Path, ca_name: str = "agents") -> MessagingConfig:
+    """The agents' CA, server and client certificates as files, as the chart mounts them."""
+    ca = CertificateAuthority.create(ca_name)
     ca_file, _ = ca.write(tmp_path, "ca")
     cert, key = ca.issue_server_certificate(["127.0.0.1"]).write(tmp_path, "server")
     client_cert, client_key = ca.issue_client_certificate("agent").write(tmp_path, "client")
-    config = MessagingConfig.model_validate(
+    return MessagingConfig.model_validate(
         {
             "tls": {
                 "ca_file": ca_file,
@@ -79,7 +81,43 @@ def tls(tmp_path: Path) -> RotatingContexts:
             }
         }
     )
-    return RotatingContexts(config.tls)
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> RotatingContexts:
+    return RotatingContexts(write_agent_tls(tmp_path).tls)
+
+
+async def test_a_renewed_ca_replaces_the_old_one_for_new_connections(tmp_path: Path) -> None:
+    contexts = RotatingContexts(write_agent_tls(tmp_path, "agents-1").tls)
+    peer = Peer(contexts)
+    await peer.start()
+    try:
+        old_client = (tmp_path / "client.crt", tmp_path / "client.key")
+        stale_cert = (old_client[0].read_bytes(), old_client[1].read_bytes())
+        renewed = write_agent_tls(tmp_path, "agents-2")  # the same files, a new CA
+        assert contexts.reload_if_changed()
+        stale = tmp_path / "stale"
+        stale.mkdir()
+        (stale / "client.crt").write_bytes(stale_cert[0])
+        (stale / "client.key").write_bytes(stale_cert[1])
+
+        async def call(cert: Path, key: Path) -> int:
+            assert renewed.tls.ca_file is not None
+            context = ssl.create_default_context(cafile=str(renewed.tls.ca_file))
+            context.check_hostname = False
+            context.load_cert_chain(cert, key)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(peer.url + "/v1/broadcast", data=b"{}", ssl=context) as response,
+            ):
+                return response.status
+
+        assert await call(tmp_path / "client.crt", tmp_path / "client.key") == 200
+        with pytest.raises(aiohttp.ClientError):  # signed by the old CA: no longer trusted
+            await call(stale / "client.crt", stale / "client.key")
+    finally:
+        await peer.stop()
 
 
 @pytest.fixture
@@ -102,7 +140,7 @@ class Sender:
             self.metrics,
             lambda node: self.endpoint if node == "node-b" else None,
             TokenFile(token),
-            tls.client,
+            lambda: tls.client,
         )
         self._task = asyncio.create_task(self.sender.run())
 

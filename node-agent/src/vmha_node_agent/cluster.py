@@ -102,7 +102,11 @@ def _peers(
     # The Lease publishes the endpoint's URL once it listens (late-bound: made below).
     leases = AgentLeases(api, config, metrics, lambda: service.url())  # noqa: PLW0108
     sender = PeerSender(
-        messaging, metrics, leases.endpoint, TokenFile(messaging.token_file), contexts.client
+        messaging,
+        metrics,
+        leases.endpoint,
+        TokenFile(messaging.token_file),
+        lambda: contexts.client,
     )
     messenger = GroupMessenger(config, metrics, directory, sessions, sender)
     server = PeerServer(messaging, metrics, reviewer, messenger, VoteBox(config, metrics, sessions))

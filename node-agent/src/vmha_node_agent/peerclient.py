@@ -63,7 +63,7 @@ class PeerSender:
         metrics: AgentMetrics,
         endpoint: Callable[[str], str | None],
         token: TokenFile,
-        tls: ssl.SSLContext,
+        tls: Callable[[], ssl.SSLContext],
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -75,6 +75,7 @@ class PeerSender:
         self._clock = clock
         self._outboxes: dict[str, _Outbox] = {}
         self._http: aiohttp.ClientSession | None = None
+        self._http_tls: ssl.SSLContext | None = None
         self._queued = 0
 
     def peer_up(self, node: str) -> bool:
@@ -183,8 +184,16 @@ class PeerSender:
             return "unreachable"
 
     def _session(self) -> aiohttp.ClientSession:
+        tls = self._tls()
+        if self._http is not None and self._http_tls is not tls:
+            # Rotated certificates: new connections with the new context; the old session
+            # closes once its requests are done.
+            old = self._http
+            asyncio.get_running_loop().create_task(old.close())
+            self._http = None
         if self._http is None:
-            connector = aiohttp.TCPConnector(ssl=self._tls, limit_per_host=4)
+            self._http_tls = tls
+            connector = aiohttp.TCPConnector(ssl=tls, limit_per_host=4)
             timeout = aiohttp.ClientTimeout(
                 total=self._config.peer_timeout_s, connect=self._config.peer_timeout_s
             )

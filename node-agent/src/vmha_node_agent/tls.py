@@ -11,8 +11,11 @@ reaches the handler, is refused with 403 and counted (`no_client_cert`). A certi
 another CA still fails the handshake.
 
 Certificates rotate (cert-manager renews the Secret, the kubelet updates the files):
-`reload_if_changed` loads the new files into the running contexts, which then serve every
-new connection with them.
+`reload_if_changed` builds fresh contexts from the new files. A fresh context, not the old one
+with the new files added: after a CA renewal the old CA must stop being trusted. The
+listening socket keeps the context it was created with, whose SNI callback (called for every
+handshake, with or without a server name) hands each new connection the current one; the
+client side asks for `client` each time it opens connections.
 """
 
 from __future__ import annotations
@@ -47,30 +50,33 @@ def client_context(tls: PeerTLS) -> ssl.SSLContext:
 
 
 class RotatingContexts:
-    """The server and client contexts, reloaded when their files change."""
+    """The server and client contexts, replaced when their files change."""
 
     def __init__(self, tls: PeerTLS) -> None:
         self._tls = tls
-        self.server = server_context(tls)
+        self._current_server = server_context(tls)
         self.client = client_context(tls)
+        # Bound to the listening socket for good; every handshake switches to the current one.
+        self.server = server_context(tls)
+        self.server.sni_callback = self._select_current
         self._stamps = self._mtimes()
+
+    def _select_current(
+        self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        connection.context = self._current_server
 
     def reload_if_changed(self) -> bool:
         stamps = self._mtimes()
         if stamps == self._stamps:
             return False
-        cert, key = self._tls.client_pair()
         try:
-            assert self._tls.ca_file is not None
-            assert self._tls.cert_file is not None and self._tls.key_file is not None
-            self.server.load_cert_chain(self._tls.cert_file, self._tls.key_file)
-            self.server.load_verify_locations(cafile=str(self._tls.ca_file))
-            self.client.load_cert_chain(cert, key)
-            self.client.load_verify_locations(cafile=str(self._tls.ca_file))
+            server, client = server_context(self._tls), client_context(self._tls)
         except (OSError, ssl.SSLError) as error:
             # Mid-rotation (certificate and key from different generations): next time.
             log.warning("TLS files changed but could not be loaded yet: %s", error)
             return False
+        self._current_server, self.client = server, client
         self._stamps = stamps
         log.info("TLS certificates reloaded")
         return True
