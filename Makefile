@@ -1,5 +1,6 @@
 # vmha developer entry points. The two a newcomer needs:
-#   make demo   boot QEMU guests wired to a node agent and watch their heartbeats
+#   make demo   the whole system on this machine (control plane, operator, two node agents,
+#               three QEMU guests) and a guided tour
 #   make test   lint, type-check and run every test tier (unit, integration, end-to-end)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -35,12 +36,13 @@ unit: dev
 test: system-deps lint toolchain
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-demo: system-deps dev
+demo: system-deps dev toolchain
 	$(PY) -m vmha_testbed.demo
 
 bench: system-deps dev
 	$(PY) -m bench.heartbeat
 	$(PY) -m bench.cluster
+	$(PY) -m bench.messaging
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

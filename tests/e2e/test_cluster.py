@@ -1,10 +1,11 @@
 """The node agent in a cluster with real QEMU guests, and vmha's alerts in a real Prometheus.
 
-One cluster for the whole module, as a real one would be: the control plane, the operator
-(its webhooks admit and mutate the VirtualMachines), two node-agent processes for `node-a`
-and `node-b` (each with its own fake kubelet root, each running as the agent's
-ServiceAccount with exactly its documented RBAC and a real token), and a real Prometheus
-scraping both agents as the chart's ServiceMonitor does, with the chart's alert rules.
+One cluster for the whole module, as a real one would be (`vmha_testbed.cluster`): the
+control plane, the operator (its webhooks admit and mutate the VirtualMachines; votes on),
+two node-agent processes for `node-a` and `node-b` (each with its own fake kubelet root,
+each running as the agent's ServiceAccount with exactly its documented RBAC and a real
+token, the two talking over mutual TLS), and a real Prometheus scraping both agents as the
+chart's ServiceMonitor does, with the chart's alert rules.
 
 The test plays KubeVirt: it creates the VMIs from the (mutated) VM templates, sets their
 node, phase and readiness, creates the virt-launcher Pods with their `private` emptyDir, and
@@ -23,16 +24,12 @@ halted by `stop`. The migration is a real QEMU live migration between two QEMU p
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -40,22 +37,11 @@ import pytest
 import yaml
 
 from vmha_node_agent.devrun import AgentProcess
-from vmha_node_agent.kubeapi import (
-    EVENTS,
-    MERGE_PATCH,
-    PODS,
-    VMGROUPS,
-    VMIS,
-    VMS,
-    KubeApi,
-    KubeError,
-)
-from vmha_node_agent.metrics import AgentMetrics
-from vmha_node_agent.ratelimit import TokenBucket
-from vmha_node_agent.rbac import node_agent_rules
 from vmha_operator.devrun import OperatorProcess
+from vmha_testbed.cluster import FAST_AGENT_CONFIG, LocalCluster, local_cluster
 from vmha_testbed.controlplane import ControlPlane
 from vmha_testbed.guestimage import GuestImage
+from vmha_testbed.kubevirt import KubeVirt, Member
 from vmha_testbed.prometheus import PrometheusServer, ScrapeTarget
 from vmha_testbed.qemu import GuestVM, boot_guests
 from vmha_testbed.toolchain import REPO_ROOT
@@ -75,7 +61,6 @@ SETTLE_TIMEOUT = 90.0
 HEALTH_FLAG = "/var/lib/vmha-test/healthy"
 FAULT_REASONS = ("HeartbeatMissed", "HeartbeatFailed", "HeartbeatUnhealthy")
 AGENT_NAMESPACE = "vmha-system"
-AGENT_ACCOUNT = "vmha-node-agent"
 # The chart's names for release `vmha` in `vmha-system`: the Service (the scrape job) and
 # the namespace its alert rules select on.
 AGENT_JOB = "vmha-node-agent"
@@ -86,15 +71,9 @@ RULE_TEMPLATE = "templates/monitoring/prometheusrule.yaml"
 ALERT_FOR = "3s"
 
 AGENT_CONFIG: dict[str, Any] = {
+    **FAST_AGENT_CONFIG,
     "heartbeat": {"min_interval_ms": 100, "missed_threshold": MISSED_THRESHOLD},
     "channel": {"reconnect_initial_s": 0.1, "reconnect_max_s": 1.0},
-    "kubernetes": {
-        "socket_poll_s": 0.2,
-        "retry_initial_s": 0.2,
-        "retry_max_s": 2.0,
-        "watch_timeout_s": 60,
-        "request_timeout_s": 10.0,
-    },
     "events": {"series_update_s": 0.5},
     "corrective_actions": {"max_notice_s": 5},
 }
@@ -139,241 +118,76 @@ def eventually(
 
 
 @dataclass
-class Member:
-    """One VM of the group: its objects and the QEMU guest behind its channel socket."""
-
-    name: str
-    node: str
-    vmi_uid: str
-    pod_name: str
-    guest: GuestVM | None = None
-
-
-def kubelet_root(roots: Path, node: str) -> Path:
-    # Short (/tmp/vkXXXXXXXX/a): QEMU must bind the full socket path, at most 107 bytes.
-    return roots / node.removeprefix("node-")
-
-
 class Cluster:
-    """The module's cluster; the test plays virt-controller and virt-handler through `api`."""
+    """The module's cluster (`vmha_testbed.cluster`): operator, the agents of both nodes,
+    Prometheus scraping them, and a QEMU guest per VM; the test plays virt-controller and
+    virt-handler through `kubevirt`."""
 
-    def __init__(
-        self,
-        control_plane: ControlPlane,
-        namespace: str,
-        *,
-        kubelet_roots: Path,
-        agents: dict[str, AgentProcess],
-        prometheus: PrometheusServer,
-        operator: OperatorProcess,
-    ) -> None:
-        self.namespace = namespace
-        self.operator = operator
-        self.kubelet_roots = kubelet_roots
-        self.agents = agents
-        self.prometheus = prometheus
-        self.api = KubeApi(
-            control_plane.api_client(),
-            AgentMetrics(),
-            timeout_s=30.0,
-            write_budget=TokenBucket(1000.0, 1000),
-        )
-        self.members: dict[str, Member] = {}
-        self._pod_uids: dict[str, str] = {}
+    local: LocalCluster
+    prometheus: PrometheusServer
+    guests: dict[str, GuestVM] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return self.local.namespace
+
+    @property
+    def agents(self) -> dict[str, AgentProcess]:
+        return self.local.agents
+
+    @property
+    def operator(self) -> OperatorProcess:
+        assert self.local.operator is not None
+        return self.local.operator
+
+    @property
+    def members(self) -> dict[str, Member]:
+        return self.kubevirt.members
+
+    @property
+    def kubevirt(self) -> KubeVirt:
+        return self.local.kubevirt
 
     # -- objects --
 
     def create_group(self, heartbeat: dict[str, Any]) -> None:
-        body = {
-            "apiVersion": "vmha.io/v1alpha1",
-            "kind": "VMGroup",
-            "metadata": {"name": GROUP},
-            "spec": {"policy": "soft-anti-affinity", "heartbeat": heartbeat},
-        }
-        self.api.call("create", VMGROUPS, VMGROUPS.path(self.namespace), body=body)
+        self.kubevirt.create_group(GROUP, heartbeat=heartbeat)
 
     def patch_group(self, heartbeat: dict[str, Any]) -> None:
-        path = VMGROUPS.path(self.namespace, GROUP)
-        body = {"spec": {"heartbeat": heartbeat}}
-        self.api.call("patch", VMGROUPS, path, body=body, content_type=MERGE_PATCH)
-
-    def create_vm(self, name: str) -> dict[str, Any]:
-        """A VirtualMachine labelled into the group: the operator's webhooks admit it and
-        add the channel hook and the group label to its template."""
-        body = {
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachine",
-            "metadata": {"name": name, "labels": {"vmha.io/group": GROUP}},
-            "spec": {"runStrategy": "Always", "template": {"spec": {"domain": {"devices": {}}}}},
-        }
-        result: dict[str, Any] = self.api.call("create", VMS, VMS.path(self.namespace), body=body)
-        return result
-
-    def start_vmi(self, name: str, node: str) -> Member:
-        """virt-controller's part: the VMI from the VM's template, scheduled to `node`, its
-        launcher Pod; virt-handler's part: Running and Ready."""
-        vm = self.vm(name)
-        template = vm["spec"]["template"]
-        owner = {
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachine",
-            "name": name,
-            "uid": vm["metadata"]["uid"],
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-        body = {
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachineInstance",
-            "metadata": {**template.get("metadata", {}), "name": name, "ownerReferences": [owner]},
-            "spec": template["spec"],
-        }
-        vmi = self.api.call("create", VMIS, VMIS.path(self.namespace), body=body)
-        member = Member(name, node, vmi["metadata"]["uid"], "")
-        member.pod_name = self.create_launcher(member, node)
-        self.set_vmi_status(
-            name,
-            {
-                "phase": "Running",
-                "nodeName": node,
-                "conditions": [{"type": "Ready", "status": "True"}],
-            },
-        )
-        self.members[name] = member
-        return member
-
-    def create_launcher(self, member: Member, node: str) -> str:
-        """A virt-launcher Pod on `node` with the `private` emptyDir the channel lives in."""
-        pod = self.api.call(
-            "create",
-            PODS,
-            PODS.path(self.namespace),
-            body={
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "generateName": f"virt-launcher-{member.name}-",
-                    "labels": {
-                        "kubevirt.io": "virt-launcher",
-                        "kubevirt.io/created-by": member.vmi_uid,
-                        "vm.kubevirt.io/name": member.name,
-                    },
-                },
-                "spec": {
-                    "nodeName": node,
-                    "automountServiceAccountToken": False,
-                    "containers": [
-                        {
-                            "name": "compute",
-                            "image": "quay.io/kubevirt/virt-launcher:v1.5.0",
-                            "volumeMounts": [
-                                {"name": "private", "mountPath": "/var/run/kubevirt-private"}
-                            ],
-                        }
-                    ],
-                    "volumes": [{"name": "private", "emptyDir": {}}],
-                },
-            },
-        )
-        self._pod_uids[pod["metadata"]["name"]] = pod["metadata"]["uid"]
-        return str(pod["metadata"]["name"])
-
-    def channel_socket(self, node: str, pod_name: str) -> Path:
-        """Where the node's kubelet keeps the launcher's `private` emptyDir: QEMU's socket."""
-        directory = (
-            kubelet_root(self.kubelet_roots, node)
-            / "pods"
-            / self._pod_uids[pod_name]
-            / "volumes"
-            / "kubernetes.io~empty-dir"
-            / "private"
-        )
-        directory.mkdir(parents=True, exist_ok=True)
-        return directory / "vmha"
-
-    def delete_pod(self, pod_name: str) -> None:
-        self.api.call("delete", PODS, PODS.path(self.namespace, pod_name))
-
-    def set_vmi_status(self, name: str, status: dict[str, Any]) -> None:
-        # VMIs have no status subresource (as in KubeVirt): virt-handler patches the object.
-        path = VMIS.path(self.namespace, name)
-        self.api.call("patch", VMIS, path, body={"status": status}, content_type=MERGE_PATCH)
+        self.kubevirt.patch_group(GROUP, {"heartbeat": heartbeat})
 
     # -- reading --
 
-    def vm(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.api.call("get", VMS, VMS.path(self.namespace, name))
-        return result
-
-    def vmi(self, name: str) -> dict[str, Any] | None:
-        try:
-            result: dict[str, Any] = self.api.call("get", VMIS, VMIS.path(self.namespace, name))
-        except KubeError as error:
-            if error.not_found:
-                return None
-            raise
-        return result
-
-    def heartbeat(self, name: str) -> dict[str, Any] | None:
-        vmi = self.vmi(name) or {}
-        raw = ((vmi.get("metadata") or {}).get("annotations") or {}).get("vmha.io/heartbeat")
-        return json.loads(raw) if raw else None
-
     def wait_heartbeat(self, name: str, state: str, node: str | None = None) -> dict[str, Any]:
         def shown() -> dict[str, Any] | None:
-            value = self.heartbeat(name)
+            value = self.kubevirt.heartbeat(name)
             if value is None or value["state"] != state:
                 return None
             return value if node in (None, value["node"]) else None
 
         return eventually(shown, f"{name} annotated {state}")
 
-    def events(self, name: str, reason: str | None = None) -> list[dict[str, Any]]:
-        items = self.api.call("list", EVENTS, EVENTS.path(self.namespace))["items"]
-        return [
-            event
-            for event in items
-            if event["regarding"]["name"] == name and reason in (None, event["reason"])
-        ]
-
     def wait_events(self, name: str, reason: str) -> list[dict[str, Any]]:
-        return eventually(lambda: self.events(name, reason), f"{reason} about {name}")
-
-    def count(self, name: str, reason: str) -> int:
-        """Occurrences of `reason` about `name`: Events and their series."""
-        return sum((e.get("series") or {}).get("count", 1) for e in self.events(name, reason))
+        return eventually(lambda: self.kubevirt.events(name, reason), f"{reason} about {name}")
 
     def faults(self, name: str) -> int:
-        return sum(self.count(name, reason) for reason in FAULT_REASONS)
+        return sum(self.kubevirt.count(name, reason) for reason in FAULT_REASONS)
 
     def wait_count(self, name: str, reason: str, at_least: int) -> int:
         return eventually(
-            lambda: (n := self.count(name, reason)) >= at_least and n,
+            lambda: (n := self.kubevirt.count(name, reason)) >= at_least and n,
             f"{at_least} x {reason} on {name}",
         )
 
     def group_status(self) -> dict[str, Any]:
-        group = self.api.call("get", VMGROUPS, VMGROUPS.path(self.namespace, GROUP))
-        status: dict[str, Any] = group.get("status") or {}
-        return status
+        return self.kubevirt.group_status(GROUP)
 
     def wait_group(self, check: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
         return eventually(lambda: (s := self.group_status()) and check(s) and s, what)
 
     def close_guests(self) -> None:
-        for vm in self.members.values():
-            if vm.guest is not None:
-                vm.guest.close()
-
-    def close(self) -> None:
-        # Without a namespace controller the objects would outlive the namespace.
-        for resource in (VMIS, VMS, PODS):
-            with contextlib.suppress(KubeError):
-                items = self.api.call("list", resource, resource.path(self.namespace))["items"]
-                for item in items:
-                    path = resource.path(self.namespace, item["metadata"]["name"])
-                    self.api.call("delete", resource, path)
-        self.api.close()
+        for vm in self.guests.values():
+            vm.close()
 
 
 def member(status: dict[str, Any], name: str) -> dict[str, Any]:
@@ -454,122 +268,62 @@ def wait_resolved(prometheus: PrometheusServer, name: str, **labels: str) -> Non
 # --- fixtures ---------------------------------------------------------------------------------
 
 
-def agent_kubeconfig(control_plane: ControlPlane, name: str) -> Path:
-    """ServiceAccount `name` with exactly the agent's documented rules, and a token for it."""
-    with contextlib.suppress(Exception):
-        control_plane.create_namespace(AGENT_NAMESPACE)
-    objects: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": name, "namespace": AGENT_NAMESPACE},
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": name},
-            "rules": node_agent_rules(),
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                        "name": name},
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": AGENT_NAMESPACE}],
-        },
-    ]  # fmt: skip
-    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
-    control_plane.kubectl("apply", "-f", "-", input=manifest)
-    return control_plane.kubeconfig_for_service_account(AGENT_NAMESPACE, name)
-
-
 @pytest.fixture(scope="module")
 def cluster(
     control_plane: ControlPlane, guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("cluster-e2e")
-    roots = Path(tempfile.mkdtemp(prefix="vk", dir="/tmp"))
-    namespace = control_plane.create_namespace(prefix="e2e-")
-    with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, roots, ignore_errors=True)
-        stack.callback(control_plane.delete_namespace, namespace)
-        operator = OperatorProcess(
-            control_plane.kubeconfig_path, namespaces=[namespace], log_path=workdir / "operator.log"
-        )
-        stack.enter_context(operator)
-        account = f"{AGENT_ACCOUNT}-e2e"
-        credentials = agent_kubeconfig(control_plane, account)
-        stack.callback(
-            control_plane.kubectl, "delete", "clusterrole,clusterrolebinding", account,
-            "--ignore-not-found", check=False,
-        )  # fmt: skip
-        agents: dict[str, AgentProcess] = {}
-        for node in NODES:
-            kubelet_root(roots, node).mkdir()
-            agent = AgentProcess(
-                node,
-                kubeconfig=credentials,
-                kubelet_root=kubelet_root(roots, node),
-                log_path=workdir / f"{node}.log",
-                config=AGENT_CONFIG,
-            )
-            agents[node] = stack.enter_context(agent)
+    with local_cluster(
+        control_plane,
+        workdir=workdir,
+        agent_config=AGENT_CONFIG,
+        namespace_prefix="e2e-",
+        agents_namespace="vmha-e2e",
+        rbac_prefix="vmha-e2e",
+    ) as local:
         prometheus = PrometheusServer(
             workdir / "prometheus",
             job=AGENT_JOB,
             rule_groups=chart_alert_rules(control_plane.tools.helm, workdir / "helm"),
         )
-        prometheus.set_targets(scrape_targets(agents))
-        stack.enter_context(prometheus)
-        world = Cluster(
-            control_plane,
-            namespace,
-            kubelet_roots=roots,
-            agents=agents,
-            prometheus=prometheus,
-            operator=operator,
-        )
-        stack.callback(world.close)
-        stack.callback(world.close_guests)
-
-        world.create_group(
-            {"minIntervalMs": 400, "missedThreshold": MISSED_THRESHOLD, "correctiveAction": "log"}
-        )
-        for name, node in (("vm-a", "node-a"), ("vm-b", "node-b")):
-            world.create_vm(name)
-            world.start_vmi(name, node)
-        members = list(world.members.values())
-        guests = boot_guests(
-            guest_image,
-            workdir / "guests",
-            [guest_config(m.name) for m in members],
-            names=[m.name for m in members],
-            files={HEALTH_FLAG: ""},
-            channel_sockets=[world.channel_socket(m.node, m.pod_name) for m in members],
-        )
-        for vm, guest in zip(members, guests, strict=True):
-            vm.guest = guest
-        yield world
+        prometheus.set_targets(scrape_targets(local.agents))
+        with prometheus:
+            world = Cluster(local, prometheus)
+            try:
+                world.create_group(
+                    {"minIntervalMs": 400, "missedThreshold": MISSED_THRESHOLD,
+                     "correctiveAction": "log"}
+                )  # fmt: skip
+                for name, node in (("vm-a", "node-a"), ("vm-b", "node-b")):
+                    local.kubevirt.create_vm(name, GROUP)
+                    local.kubevirt.start_vmi(name, node)
+                members = list(world.members.values())
+                guests = boot_guests(
+                    guest_image,
+                    workdir / "guests",
+                    [guest_config(m.name) for m in members],
+                    names=[m.name for m in members],
+                    files={HEALTH_FLAG: ""},
+                    channel_sockets=[m.socket for m in members],
+                )
+                world.guests.update((guest.name, guest) for guest in guests)
+                yield world
+            finally:
+                world.close_guests()
 
 
 @pytest.fixture(autouse=True)
 def process_logs(cluster: Cluster) -> Iterator[None]:
     yield
-    # pytest shows them when the test failed
-    for node, agent in cluster.agents.items():
-        print(f"--- agent {node} ---\n{agent.log_tail(30)}")
-    print(f"--- operator ---\n{cluster.operator.log_tail(20)}")
+    print(cluster.local.log_tails())  # pytest shows them when the test failed
 
 
 def guest(cluster: Cluster, name: str) -> GuestVM:
-    vm = cluster.members[name].guest
-    assert vm is not None
-    return vm
+    return cluster.guests[name]
 
 
 def actions(cluster: Cluster, name: str, action: str) -> list[dict[str, Any]]:
-    return [e for e in cluster.events(name, "CorrectiveAction") if e["action"] == action]
+    return [e for e in cluster.kubevirt.events(name, "CorrectiveAction") if e["action"] == action]
 
 
 def metric(cluster: Cluster, node: str, name: str, **labels: str) -> float:
@@ -581,7 +335,7 @@ def metric(cluster: Cluster, node: str, name: str, **labels: str) -> float:
 
 def test_members_are_admitted_attached_and_shown_healthy(cluster: Cluster) -> None:
     # Admitted through the operator's webhook: the template carries the channel for the agent.
-    template = cluster.vm("vm-a")["spec"]["template"]["metadata"]
+    template = cluster.kubevirt.vm("vm-a")["spec"]["template"]["metadata"]
     assert template["annotations"]["vmha.io/channel-path"] == "/var/run/kubevirt-private/vmha"
     assert "hooks.kubevirt.io/hookSidecars" in template["annotations"]
     assert template["labels"]["vmha.io/group"] == GROUP
@@ -638,7 +392,7 @@ def test_a_hung_guest_fails_alerts_and_recovers_on_sigcont(cluster: Cluster) -> 
         assert f"{MISSED_THRESHOLD} consecutive challenges unanswered" in event["note"]
         # Each miss before the failure was counted, into one Event with a series.
         cluster.wait_count("vm-a", "HeartbeatMissed", MISSED_THRESHOLD)
-        [missed] = cluster.events("vm-a", "HeartbeatMissed")
+        [missed] = cluster.kubevirt.events("vm-a", "HeartbeatMissed")
         assert missed["series"]["lastObservedTime"] > missed["eventTime"]
         eventually(lambda: actions(cluster, "vm-a", "Log"), "the group's action: log")
         status = cluster.wait_group(
@@ -668,7 +422,7 @@ def test_a_hung_guest_fails_alerts_and_recovers_on_sigcont(cluster: Cluster) -> 
 def test_a_failing_health_check_makes_the_guest_unhealthy(cluster: Cluster) -> None:
     prometheus = cluster.prometheus
     vm = guest(cluster, "vm-a")
-    recoveries = cluster.count("vm-a", "HeartbeatRecovered")
+    recoveries = cluster.kubevirt.count("vm-a", "HeartbeatRecovered")
     vm.check(f"rm {HEALTH_FLAG}")
     try:
         unhealthy = cluster.wait_heartbeat("vm-a", "unhealthy", "node-a")
@@ -691,7 +445,7 @@ def test_a_failing_health_check_makes_the_guest_unhealthy(cluster: Cluster) -> N
 def test_an_agent_restart_alerts_and_reattaches_without_a_false_fault(cluster: Cluster) -> None:
     prometheus = cluster.prometheus
     agent = cluster.agents["node-a"]
-    before = cluster.heartbeat("vm-a")
+    before = cluster.kubevirt.heartbeat("vm-a")
     faults = cluster.faults("vm-a")
 
     agent.stop()
@@ -711,8 +465,8 @@ def test_an_agent_restart_alerts_and_reattaches_without_a_false_fault(cluster: C
         lambda: metric(cluster, "node-a", "vmha_heartbeat_challenges_total", vm="vm-a") >= 5,
         "vm-a challenged by the new agent",
     )
-    assert cluster.heartbeat("vm-a") == before  # not even rewritten
-    assert cluster.count("vm-a", "HeartbeatRegistered") == 1
+    assert cluster.kubevirt.heartbeat("vm-a") == before  # not even rewritten
+    assert cluster.kubevirt.count("vm-a", "HeartbeatRegistered") == 1
     assert cluster.faults("vm-a") == faults
     wait_resolved(prometheus, "VmhaNodeAgentDown", node="node-a")
 
@@ -734,23 +488,25 @@ def test_a_vmi_live_migrated_to_node_b_is_followed_without_a_fault(cluster: Clus
         "targetNode": "node-b",
         "startTimestamp": "2026-01-01T00:00:00Z",
     }
-    cluster.set_vmi_status("vm-a", {"migrationState": migration})
+    cluster.kubevirt.set_vmi_status("vm-a", {"migrationState": migration})
     eventually(lambda: metric(cluster, "node-a", "vmha_vms") == 0.0, "node-a letting go")
 
-    target_pod = cluster.create_launcher(vm_a, "node-b")
-    migration["targetPod"] = target_pod
-    cluster.set_vmi_status("vm-a", {"migrationState": migration})
-    target = source.migrate(cluster.channel_socket("node-b", target_pod))
-    vm_a.guest = target
+    target_launcher = cluster.kubevirt.create_launcher("vm-a", "node-b")
+    migration["targetPod"] = target_launcher.name
+    cluster.kubevirt.set_vmi_status("vm-a", {"migrationState": migration})
+    target = source.migrate(target_launcher.socket)
+    cluster.guests["vm-a"] = target
     source.close()
-    cluster.delete_pod(vm_a.pod_name)  # the source virt-launcher is done
-    vm_a.pod_name, vm_a.node = target_pod, "node-b"
+    cluster.kubevirt.delete_pod(vm_a.launcher.name)  # the source virt-launcher is done
+    vm_a.launcher = target_launcher
     completed = {**migration, "completed": True, "endTimestamp": "2026-01-01T00:00:05Z"}
-    cluster.set_vmi_status("vm-a", {"nodeName": "node-b", "migrationState": completed})
+    cluster.kubevirt.set_vmi_status("vm-a", {"nodeName": "node-b", "migrationState": completed})
 
     value = cluster.wait_heartbeat("vm-a", "healthy", "node-b")
     assert value["reason"] == "registered"
-    registered = {e["reportingInstance"] for e in cluster.events("vm-a", "HeartbeatRegistered")}
+    registered = {
+        e["reportingInstance"] for e in cluster.kubevirt.events("vm-a", "HeartbeatRegistered")
+    }
     assert registered == {"node-a", "node-b"}
     eventually(
         lambda: metric(cluster, "node-b", "vmha_heartbeat_challenges_total", vm="vm-a") >= 5,
@@ -770,14 +526,14 @@ def test_reboot_deletes_the_vmi_after_notifying_the_guest(cluster: Cluster) -> N
     console = vm.console_size()
     vm.check(f"rm {HEALTH_FLAG}")
 
-    eventually(lambda: cluster.vmi("vm-a") is None, "the VMI deleted")
+    eventually(lambda: cluster.kubevirt.vmi("vm-a") is None, "the VMI deleted")
     [event] = eventually(lambda: actions(cluster, "vm-a", "Reboot"), "the action")
     assert "VMI deleted" in event["note"]
     assert event["reportingInstance"] == "node-b"
     # The guest got its notice first (vmha-guest logs it to the console).
     vm.wait_console(r"host notice: reboot", timeout=30, offset=console)
     # The VirtualMachine stays: its run strategy would start a new VMI.
-    assert cluster.vm("vm-a")["spec"]["runStrategy"] == "Always"
+    assert cluster.kubevirt.vm("vm-a")["spec"]["runStrategy"] == "Always"
     assert (
         metric(cluster, "node-b", "vmha_corrective_actions_total", action="reboot", outcome="taken")
         == 1.0
@@ -794,7 +550,9 @@ def test_a_killed_qemu_fails_and_stop_halts_its_vm(cluster: Cluster) -> None:
     assert failed["reason"] == "missed"
     cluster.wait_events("vm-b", "HeartbeatFailed")
     assert metric(cluster, "node-b", "vmha_channel_connected", vm="vm-b") == 0.0
-    eventually(lambda: cluster.vm("vm-b")["spec"].get("runStrategy") == "Halted", "vm-b halted")
+    eventually(
+        lambda: cluster.kubevirt.vm("vm-b")["spec"].get("runStrategy") == "Halted", "vm-b halted"
+    )
     [event] = eventually(lambda: actions(cluster, "vm-b", "Stop"), "the action")
     assert "runStrategy Halted" in event["note"]
     assert (

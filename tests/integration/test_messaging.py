@@ -19,44 +19,36 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import ssl
-import tempfile
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from vmha_node_agent.devrun import AgentProcess
-from vmha_node_agent.kubeapi import (
-    LEASES,
-    MERGE_PATCH,
-    PODS,
-    VMGROUPS,
-    VMIS,
-    VMS,
-    KubeApi,
-    KubeError,
-    Resource,
-)
+from vmha_node_agent.kubeapi import LEASES, MERGE_PATCH, VMIS, VMS, KubeApi, KubeError, load_client
 from vmha_node_agent.leases import lease_name
 from vmha_node_agent.metrics import AgentMetrics
 from vmha_node_agent.ratelimit import TokenBucket
-from vmha_node_agent.rbac import node_agent_namespace_rules, node_agent_rules
 from vmha_operator.devrun import OperatorProcess
-from vmha_operator.rbac import operator_agent_namespace_rules, operator_rules
 from vmha_protocol.limits import MAX_BROADCAST_BYTES
 from vmha_protocol.nack import NackReason, nack_reason
 from vmha_protocol.server_group import MemberState
+from vmha_testbed.cluster import (
+    FAST_AGENT_CONFIG,
+    Credentials,
+    LocalCluster,
+    agent_credentials,
+    post_to_agent,
+    request_token,
+)
 from vmha_testbed.controlplane import ControlPlane
-from vmha_testbed.pki import CertificateAuthority
+from vmha_testbed.kubevirt import ready_conditions
+from vmha_testbed.polling import eventually
 from vmha_testbed.simguest import SimulatedGuest, acked
 
 pytestmark = pytest.mark.timeout(300)
@@ -64,197 +56,15 @@ pytestmark = pytest.mark.timeout(300)
 T = TypeVar("T")
 SETTLE_TIMEOUT = 60.0
 AGENTS_NAMESPACE = "vmha-messaging"
-AGENT_ACCOUNT = "vmha-node-agent"
-OPERATOR_ACCOUNT = "vmha-operator"
-AUDIENCE = "vmha.io/node-agent"
-NODES = ("node-a", "node-b")
-ROLE = "vmha-messaging-test"
-SERVICE_ACCOUNTS = Resource("", "v1", "serviceaccounts")
-
-AGENT_CONFIG: dict[str, Any] = {
-    "heartbeat": {"min_interval_ms": 50},
-    "channel": {"reconnect_initial_s": 0.05, "reconnect_max_s": 0.5},
-    "kubernetes": {
-        "socket_poll_s": 0.2,
-        "retry_initial_s": 0.2,
-        "retry_max_s": 2.0,
-        "watch_timeout_s": 60,
-        "request_timeout_s": 10.0,
-    },
-}
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = SETTLE_TIMEOUT) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.05)
-
-
-# --- credentials: RBAC, certificates, tokens ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What the chart gives agents and the operator, made here."""
-
-    agent_kubeconfig: Path
-    operator_kubeconfig: Path
-    ca_file: Path
-    server_cert: tuple[Path, Path]
-    agent_client: tuple[Path, Path]
-    operator_client: tuple[Path, Path]
-    outsider_client: tuple[Path, Path]  # a certificate from another CA
-    agent_tokens: dict[str, Path]  # node → a token bound to that node's agent Pod
-    operator_token: Path
-    directory: Path
-
-    def agent_messaging(self, node: str) -> dict[str, Any]:
-        return {
-            "address": "127.0.0.1",
-            "port": 0,
-            "advertise_address": "127.0.0.1",
-            "namespace": AGENTS_NAMESPACE,
-            "tls": {
-                "ca_file": str(self.ca_file),
-                "cert_file": str(self.server_cert[0]),
-                "key_file": str(self.server_cert[1]),
-                "client_cert_file": str(self.agent_client[0]),
-                "client_key_file": str(self.agent_client[1]),
-            },
-            "token_file": str(self.agent_tokens[node]),
-            "lease_duration_s": 10,
-            "lease_renew_s": 2.0,
-            "notification_delay_s": 0.05,
-        }
-
-
-def admin_api(control_plane: ControlPlane) -> KubeApi:
-    return KubeApi(
-        control_plane.api_client(),
-        AgentMetrics(),
-        timeout_s=30.0,
-        write_budget=TokenBucket(1000.0, 1000),
-    )
-
-
-def _token(api: KubeApi, namespace: str, account: str, pod: dict[str, Any] | None = None) -> str:
-    """A token with the agents' audience (TokenRequest), bound to `pod` if given."""
-    spec: dict[str, Any] = {"audiences": [AUDIENCE], "expirationSeconds": 3600}
-    if pod is not None:
-        spec["boundObjectRef"] = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "name": pod["metadata"]["name"],
-            "uid": pod["metadata"]["uid"],
-        }
-    path = SERVICE_ACCOUNTS.path(namespace, account) + "/token"
-    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
-    issued = api.call("create", SERVICE_ACCOUNTS, path, body=body)
-    return str(issued["status"]["token"])
-
-
-def _binding(kind: str, name: str, account: str, namespace: str | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name}
-    if namespace:
-        meta["namespace"] = namespace
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": f"{kind}Binding",
-        "metadata": meta,
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": AGENTS_NAMESPACE}],
-    }
-
-
-def _role(kind: str, name: str, rules: list[dict[str, Any]], namespace: str | None = None) -> Any:
-    meta: dict[str, Any] = {"name": name}
-    if namespace:
-        meta["namespace"] = namespace
-    return {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": kind,
-        "metadata": meta,
-        "rules": rules,
-    }
 
 
 @pytest.fixture(scope="module")
 def credentials(control_plane: ControlPlane) -> Iterator[Credentials]:
-    with contextlib.suppress(Exception):
-        control_plane.create_namespace(AGENTS_NAMESPACE)
-    account = {"apiVersion": "v1", "kind": "ServiceAccount"}
-    objects: list[dict[str, Any]] = [
-        {**account, "metadata": {"name": AGENT_ACCOUNT, "namespace": AGENTS_NAMESPACE}},
-        {**account, "metadata": {"name": OPERATOR_ACCOUNT, "namespace": AGENTS_NAMESPACE}},
-        _role("ClusterRole", f"{ROLE}-agent", node_agent_rules()),
-        _binding("ClusterRole", f"{ROLE}-agent", AGENT_ACCOUNT, None),
-        _role("Role", f"{ROLE}-agent", node_agent_namespace_rules(), AGENTS_NAMESPACE),
-        _binding("Role", f"{ROLE}-agent", AGENT_ACCOUNT, AGENTS_NAMESPACE),
-        _role("ClusterRole", f"{ROLE}-operator", operator_rules(manage_webhooks=True)),
-        _binding("ClusterRole", f"{ROLE}-operator", OPERATOR_ACCOUNT, None),
-        _role("Role", f"{ROLE}-operator", operator_agent_namespace_rules(), AGENTS_NAMESPACE),
-        _binding("Role", f"{ROLE}-operator", OPERATOR_ACCOUNT, AGENTS_NAMESPACE),
-    ]
-    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
-    control_plane.kubectl("apply", "-f", "-", input=manifest)
-    directory = Path(tempfile.mkdtemp(prefix="vmha-mesh-"))
-    ca = CertificateAuthority.create("vmha-agents-ca")
-    ca_file, _ = ca.write(directory, "ca")
-    api = admin_api(control_plane)
-    tokens: dict[str, Path] = {}
-    for node in NODES:
-        # The agent's Pod on the node: its tokens carry the node's name.
-        pod = api.call(
-            "create",
-            PODS,
-            PODS.path(AGENTS_NAMESPACE),
-            body={
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"generateName": f"vmha-agent-{node}-"},
-                "spec": {
-                    "nodeName": node,
-                    "serviceAccountName": AGENT_ACCOUNT,
-                    "containers": [{"name": "agent", "image": "vmha/node-agent"}],
-                },
-            },
-        )
-        tokens[node] = directory / f"{node}.token"
-        tokens[node].write_text(_token(api, AGENTS_NAMESPACE, AGENT_ACCOUNT, pod))
-    operator_token = directory / "operator.token"
-    operator_token.write_text(_token(api, AGENTS_NAMESPACE, OPERATOR_ACCOUNT))
-    outsider = CertificateAuthority.create("not-the-agents-ca")
-    yield Credentials(
-        agent_kubeconfig=control_plane.kubeconfig_for_service_account(
-            AGENTS_NAMESPACE, AGENT_ACCOUNT
-        ),
-        operator_kubeconfig=control_plane.kubeconfig_for_service_account(
-            AGENTS_NAMESPACE, OPERATOR_ACCOUNT
-        ),
-        ca_file=ca_file,
-        server_cert=ca.issue_server_certificate(["127.0.0.1", "localhost"]).write(
-            directory, "server"
-        ),
-        agent_client=ca.issue_client_certificate(AGENT_ACCOUNT).write(directory, "agent"),
-        operator_client=ca.issue_client_certificate(OPERATOR_ACCOUNT).write(directory, "operator"),
-        outsider_client=outsider.issue_client_certificate("intruder").write(directory, "outsider"),
-        agent_tokens=tokens,
-        operator_token=operator_token,
-        directory=directory,
-    )
-    for pod in api.call("list", PODS, PODS.path(AGENTS_NAMESPACE))["items"]:
-        with contextlib.suppress(KubeError):
-            api.call("delete", PODS, PODS.path(AGENTS_NAMESPACE, pod["metadata"]["name"]))
-    api.close()
-    for kind in ("clusterrole", "clusterrolebinding"):
-        for suffix in ("agent", "operator"):
-            control_plane.kubectl("delete", kind, f"{ROLE}-{suffix}", "--ignore-not-found",
-                                  check=False)  # fmt: skip
-    shutil.rmtree(directory, ignore_errors=True)
+    """The agents' and the operator's ServiceAccounts, RBAC, certificates and tokens."""
+    with agent_credentials(
+        control_plane, namespace=AGENTS_NAMESPACE, rbac_prefix="vmha-messaging-test"
+    ) as made:
+        yield made
 
 
 # --- guests on their own loop -----------------------------------------------------------------
@@ -284,11 +94,12 @@ class GuestLoop:
         self.loop.close()
 
 
-# --- the cluster, as KubeVirt would make it ----------------------------------------------------
+# --- the cluster, with simulated guests ----------------------------------------------------------
 
 
-class World:
-    """Plays KubeVirt in one namespace, with the agents of both nodes running."""
+class World(LocalCluster):
+    """Both nodes' agents and (for votes) the operator; the test plays KubeVirt in one
+    namespace and runs a simulated guest behind each VMI's channel socket."""
 
     def __init__(
         self,
@@ -297,154 +108,33 @@ class World:
         guests: GuestLoop,
         credentials: Credentials,
         *,
-        root: Path,
-        logs: Path,
+        workdir: Path,
     ) -> None:
-        self.namespace = namespace
-        self.root = root
+        super().__init__(control_plane, credentials, namespace, workdir=workdir,
+                         agent_config=FAST_AGENT_CONFIG)  # fmt: skip
         self.guests = guests
-        self.credentials = credentials
-        self.logs = logs
-        self.api = admin_api(control_plane)
         self.vms: dict[str, SimulatedGuest] = {}
-        self.agents: dict[str, AgentProcess] = {}
-        self._links = 0
-
-    # -- agents --
-
-    def start_agent(self, node: str) -> AgentProcess:
-        (self.root / node).mkdir(parents=True, exist_ok=True)
-        agent = AgentProcess(
-            node,
-            kubeconfig=self.credentials.agent_kubeconfig,
-            kubelet_root=self.root / node,
-            log_path=self.logs / f"{node}.log",
-            config={**AGENT_CONFIG, "messaging": self.credentials.agent_messaging(node)},
-        )
-        self.agents[node] = agent.start()
-        return agent
-
-    def start_agents(self) -> None:
-        for node in NODES:
-            self.start_agent(node)
-        others = float(len(self.agents) - 1)
-        for node, agent in self.agents.items():
-            eventually(
-                lambda a=agent: a.metric("vmha_peer_agents", state="live") == others,  # type: ignore[misc]
-                f"{node} seeing the other agents",
-            )
-
-    def endpoint(self, node: str) -> str:
-        lease = self.api.call("get", LEASES, LEASES.path(AGENTS_NAMESPACE, lease_name(node)))
-        return str(lease["metadata"]["annotations"]["vmha.io/endpoint"])
-
-    # -- objects --
 
     def group(self, name: str = "web", *, messaging: bool = True) -> None:
-        body = {
-            "apiVersion": "vmha.io/v1alpha1",
-            "kind": "VMGroup",
-            "metadata": {"name": name},
-            "spec": {
-                "policy": "soft-anti-affinity",
-                "messaging": messaging,
-                "heartbeat": {"minIntervalMs": 100},
-            },
-        }
-        self.api.call("create", VMGROUPS, VMGROUPS.path(self.namespace), body=body)
+        self.kubevirt.create_group(name, messaging=messaging, heartbeat={"minIntervalMs": 100})
 
     def start_vm(self, name: str, node: str, group: str = "web", **guest: Any) -> SimulatedGuest:
-        labels = {"vmha.io/group": group}
-        vm = self.api.call(
-            "create",
-            VMS,
-            VMS.path(self.namespace),
-            body={
-                "apiVersion": "kubevirt.io/v1",
-                "kind": "VirtualMachine",
-                "metadata": {"name": name, "labels": labels},
-                "spec": {
-                    "runStrategy": "Always",
-                    "template": {
-                        "metadata": {"labels": labels},
-                        "spec": {"domain": {"devices": {}}},
-                    },
-                },
-            },
-        )
-        owner = {
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachine",
-            "name": name,
-            "uid": vm["metadata"]["uid"],
-            "controller": True,
-        }
-        vmi = self.api.call(
-            "create",
-            VMIS,
-            VMIS.path(self.namespace),
-            body={
-                "apiVersion": "kubevirt.io/v1",
-                "kind": "VirtualMachineInstance",
-                "metadata": {"name": name, "labels": labels, "ownerReferences": [owner]},
-                "spec": {"domain": {"devices": {}}},
-            },
-        )
-        self.set_status(name, {"phase": "Running", "nodeName": node, "conditions": _ready()})
-        pod = self.api.call(
-            "create",
-            PODS,
-            PODS.path(self.namespace),
-            body={
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "generateName": f"virt-launcher-{name}-",
-                    "labels": {"kubevirt.io/created-by": vmi["metadata"]["uid"]},
-                },
-                "spec": {
-                    "nodeName": node,
-                    "automountServiceAccountToken": False,
-                    "containers": [
-                        {
-                            "name": "compute",
-                            "image": "quay.io/kubevirt/virt-launcher:v1.5.0",
-                            "volumeMounts": [
-                                {"name": "private", "mountPath": "/var/run/kubevirt-private"}
-                            ],
-                        }
-                    ],
-                    "volumes": [{"name": "private", "emptyDir": {}}],
-                },
-            },
-        )
+        self.kubevirt.create_vm(name, group)
+        member = self.kubevirt.start_vmi(name, node)
 
         async def start() -> SimulatedGuest:
-            simulated = SimulatedGuest(
-                self._socket_path(node, pod["metadata"]["uid"]), name=name, interval_ms=400,
-                **guest,
-            )  # fmt: skip
+            simulated = SimulatedGuest(member.socket, name=name, interval_ms=400, **guest)
             await simulated.start()
             return simulated
 
         self.vms[name] = self.guests.call(start())
         return self.vms[name]
 
-    def _socket_path(self, node: str, pod_uid: str) -> Path:
-        directory = self.root / node / "pods" / pod_uid / "volumes/kubernetes.io~empty-dir/private"
-        directory.mkdir(parents=True)
-        self._links += 1
-        link = self.root / "l" / str(self._links)
-        link.parent.mkdir(exist_ok=True)
-        link.symlink_to(directory)
-        return link / "vmha"
-
     def set_status(self, name: str, status: dict[str, Any]) -> None:
-        path = VMIS.path(self.namespace, name)
-        self.api.call("patch", VMIS, path, body={"status": status}, content_type=MERGE_PATCH)
+        self.kubevirt.set_vmi_status(name, status)
 
     def delete_vmi(self, name: str) -> None:
-        self.api.call("delete", VMIS, VMIS.path(self.namespace, name))
+        self.kubevirt.delete_vmi(name)
 
     # -- guests --
 
@@ -462,26 +152,11 @@ class World:
         return self.guests.call(guest.query_status(timeout=20))
 
     def close(self) -> None:
-        for agent in self.agents.values():
-            agent.stop()
+        self.stop_processes()
         for guest in self.vms.values():
             with contextlib.suppress(Exception):
                 self.guests.call(guest.close())
-        for resource in (VMIS, VMS, PODS, VMGROUPS):
-            with contextlib.suppress(KubeError):
-                items = self.api.call("list", resource, resource.path(self.namespace))["items"]
-                for item in items:
-                    path = resource.path(self.namespace, item["metadata"]["name"])
-                    with contextlib.suppress(KubeError):
-                        self.api.call("delete", resource, path)
-        self.api.close()
-
-
-def _ready(paused: bool = False) -> list[dict[str, str]]:
-    conditions = [{"type": "Ready", "status": "True"}]
-    if paused:  # as virt-handler sets it
-        conditions.append({"type": "Paused", "status": "True", "reason": "PausedByUser"})
-    return conditions
+        super().close()
 
 
 @pytest.fixture
@@ -489,16 +164,11 @@ def world(
     control_plane: ControlPlane, namespace: str, credentials: Credentials, tmp_path: Path
 ) -> Iterator[World]:
     guests = GuestLoop()
-    root = Path(tempfile.mkdtemp(prefix="vm", dir="/tmp"))
-    w = World(control_plane, namespace, guests, credentials, root=root, logs=tmp_path)
+    w = World(control_plane, namespace, guests, credentials, workdir=tmp_path)
     yield w
     w.close()
     guests.stop()
-    shutil.rmtree(root, ignore_errors=True)
-    for node in NODES:
-        log = tmp_path / f"{node}.log"
-        if log.exists():  # shown by pytest when the test failed
-            print(f"--- {node} ---\n" + "\n".join(log.read_text().splitlines()[-60:]))
+    print(w.log_tails(60))  # shown by pytest when the test failed
 
 
 @pytest.fixture
@@ -601,10 +271,10 @@ def test_pause_unpause_and_deletion_are_notified_to_the_others(web: World) -> No
             latencies.append(time.monotonic() - changed)
         return notice
 
-    paused = change({"conditions": _ready(paused=True)}, "paused")
+    paused = change({"conditions": ready_conditions(paused=True)}, "paused")
     assert (paused.power_state, paused.node) == ("paused", "node-b")
     assert paused.namespace == web.namespace
-    assert change({"conditions": _ready()}, "active").power_state == "running"
+    assert change({"conditions": ready_conditions()}, "active").power_state == "running"
     assert change({}, "deleted").display_name == "b1"
     assert notices_about(b1, "b1") == []  # never about itself
     print(f"VMI change → notification at the guests: {[f'{s:.3f}' for s in latencies]} s")
@@ -613,7 +283,7 @@ def test_pause_unpause_and_deletion_are_notified_to_the_others(web: World) -> No
 
 
 def test_status_lists_every_member_with_its_state(web: World) -> None:
-    web.set_status("b1", {"conditions": _ready(paused=True)})
+    web.set_status("b1", {"conditions": ready_conditions(paused=True)})
     eventually(lambda: notices_about(web.vms["a1"], "b1"), "the pause seen")
     for name in ("a1", "b1"):
         members = web.status(name)
@@ -643,29 +313,6 @@ def test_messaging_off_is_a_nack_naming_the_group(world: World) -> None:
 # --- agent to agent: spoofing and outages -------------------------------------------------------
 
 
-def post(
-    url: str,
-    body: Any,
-    *,
-    cert: tuple[Path, Path] | None,
-    ca_file: Path,
-    token: str | None,
-) -> tuple[int, dict[str, Any]]:
-    context = ssl.create_default_context(cafile=str(ca_file))
-    context.check_hostname = False
-    if cert is not None:
-        context.load_cert_chain(*cert)
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=10, context=context) as response:
-            return int(response.status), json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return int(error.code), json.loads(error.read())
-
-
 def test_spoofed_agent_requests_are_refused_and_counted(web: World) -> None:
     creds = web.credentials
     agent_b = web.agents["node-b"]
@@ -680,14 +327,15 @@ def test_spoofed_agent_requests_are_refused_and_counted(web: World) -> None:
         return {"messages": [{"source": src, "targets": targets, "data": data}]}
 
     token_a = creds.agent_tokens["node-a"].read_text()
-    other_token = _token(web.api, web.namespace, "default")  # a valid token, not an agent's
+    other_token = request_token(web.api, web.namespace, "default")  # a valid token, not an agent's
 
     def refused(reason: str) -> float:
         return agent_b.metric("vmha_peer_refused_total", reason=reason) or 0.0
 
     # The real thing first: node-a's agent token, a1 (on node-a) to b1 (on node-b).
     legit = batch("a1", ["b1"], "from a1, by hand")
-    assert post(url, legit, cert=creds.agent_client, ca_file=creds.ca_file, token=token_a)[0] == 200
+    assert post_to_agent(url, legit, ca_file=creds.ca_file, cert=creds.agent_client,
+                         token=token_a)[0] == 200  # fmt: skip
     eventually(lambda: "from a1, by hand" in broadcasts_from(web.vms["b1"], f"{web.namespace}/a1"),
                "the legitimate copy")  # fmt: skip
 
@@ -702,12 +350,12 @@ def test_spoofed_agent_requests_are_refused_and_counted(web: World) -> None:
     ]
     for reason, cert, token, body in cases:
         before = refused(reason)
-        status, answer = post(url, body, cert=cert, ca_file=creds.ca_file, token=token)
+        status, answer = post_to_agent(url, body, ca_file=creds.ca_file, cert=cert, token=token)
         assert (status, answer["error"]) == (403, reason)
         assert refused(reason) == before + 1
     # A certificate from another CA does not even finish the handshake.
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
-        post(url, legit, cert=creds.outsider_client, ca_file=creds.ca_file, token=token_a)
+        post_to_agent(url, legit, ca_file=creds.ca_file, cert=creds.outsider_client, token=token_a)
     time.sleep(0.3)
     assert broadcasts_from(web.vms["b1"], f"{web.namespace}/b1") == []
     assert [b.data for b in web.vms["b1"].broadcasts()] == ["from a1, by hand"]
@@ -762,36 +410,10 @@ def test_a_clean_stop_removes_the_agents_lease(web: World) -> None:
 
 
 @pytest.fixture
-def operator(web: World, control_plane: ControlPlane, tmp_path: Path) -> Iterator[OperatorProcess]:
-    creds = web.credentials
-    args = [
-        f"--agent-namespace={AGENTS_NAMESPACE}",
-        f"--agent-ca-file={creds.ca_file}",
-        f"--agent-cert-file={creds.operator_client[0]}",
-        f"--agent-key-file={creds.operator_client[1]}",
-        f"--agent-token-file={creds.operator_token}",
-        "--vote-timeout=3",
-    ]
-    with OperatorProcess(
-        creds.operator_kubeconfig,
-        namespaces=[web.namespace],
-        log_path=tmp_path / "operator.log",
-        extra_args=args,
-    ) as process:
-        yield process
-    print(
-        "--- operator ---\n" + "\n".join((tmp_path / "operator.log").read_text().splitlines()[-40:])
-    )
-
-
-def migrate(control_plane: ControlPlane, namespace: str, vmi: str, name: str) -> Any:
-    manifest = f"""
-apiVersion: kubevirt.io/v1
-kind: VirtualMachineInstanceMigration
-metadata: {{name: {name}}}
-spec: {{vmiName: {vmi}}}
-"""
-    return control_plane.kubectl("-n", namespace, "create", "-f", "-", input=manifest, check=False)
+def operator(web: World) -> Iterator[OperatorProcess]:
+    """The operator with votes on (a guest gets at most 3 s), as its ServiceAccount."""
+    yield web.start_operator(vote_timeout_s=3)
+    print(web.log_tails(40))
 
 
 def test_a_revocable_migration_is_put_to_the_guest(
@@ -799,7 +421,7 @@ def test_a_revocable_migration_is_put_to_the_guest(
 ) -> None:
     a1 = web.vms["a1"]
     a1.vote_result, a1.vote_log_msg = "reject", "primary: replication in progress"
-    refused = migrate(control_plane, web.namespace, "a1", "m1")
+    refused = web.create_migration("a1", "m1")
     assert refused.returncode != 0
     assert 'admission webhook "validate-migration.' in refused.stderr
     assert (
@@ -811,12 +433,12 @@ def test_a_revocable_migration_is_put_to_the_guest(
     assert notify.timeout_ms == 3000  # the guest's 5 s, capped by the operator's 3 s
 
     a1.vote_result = "accept"
-    accepted = migrate(control_plane, web.namespace, "a1", "m2")
+    accepted = web.create_migration("a1", "m2")
     assert accepted.returncode == 0, accepted.stderr
 
     a1.vote_result = None  # a guest that never answers: allowed once its time is up
     started = time.monotonic()
-    silent = migrate(control_plane, web.namespace, "a1", "m3")
+    silent = web.create_migration("a1", "m3")
     assert silent.returncode == 0, silent.stderr
     assert time.monotonic() - started >= 2.5
     agent_a = web.agents["node-a"]
@@ -849,3 +471,27 @@ def test_stopping_a_member_is_put_to_its_guest(
     assert len(b1.action_notifies()) == notices
     b1.vote_result = "accept"
     assert halt().returncode == 0
+
+
+def test_the_agents_corrective_stop_is_not_put_to_a_vote(
+    web: World, operator: OperatorProcess
+) -> None:
+    """The heartbeat's corrective action is irrevocable: when a node agent (its
+    ServiceAccount) halts a VM, the operator asks no guest, even one that would object."""
+    a2 = web.vms["a2"]
+    a2.vote_result, a2.vote_log_msg = "reject", "would object"
+    # What the agent's `stop` sends, with the agent's credentials (it may only patch VMs).
+    as_agent = KubeApi(
+        load_client(web.credentials.agent_kubeconfig),
+        AgentMetrics(),
+        timeout_s=30.0,
+        write_budget=TokenBucket(10.0, 10),
+    )
+    body = {"spec": {"runStrategy": "Halted", "running": None}}
+    try:
+        as_agent.call("patch", VMS, VMS.path(web.namespace, "a2"), body=body,
+                      content_type=MERGE_PATCH)  # fmt: skip
+    finally:
+        as_agent.close()
+    assert a2.action_notifies() == []
+    assert web.kubevirt.vm("a2")["spec"]["runStrategy"] == "Halted"

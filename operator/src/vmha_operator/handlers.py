@@ -245,7 +245,11 @@ def _register_admission(registry: kopf.OperatorRegistry, runtime: Runtime) -> No
                 members=await runtime.member_names(namespace, group_name),
             )
             _enforce(verdict, warnings)
-        elif votes.stops(old, body) and not dryrun:
+        elif (
+            votes.stops(old, body)
+            and not dryrun
+            and not votes.by_node_agent(kwargs.get("userinfo"), config.votes.agent_namespace)
+        ):
             name = _object_name(body)
             await _vote(
                 runtime,

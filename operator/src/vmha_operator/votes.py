@@ -92,6 +92,14 @@ def stops(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
     return after.get("running") is False and before.get("running") is not False
 
 
+def by_node_agent(userinfo: Mapping[str, Any] | None, agent_namespace: str) -> bool:
+    """Whether the request comes from a ServiceAccount of the agents' namespace: a node
+    agent taking its corrective action, which is irrevocable (the agent notifies the guest;
+    nobody votes on it)."""
+    username = str((userinfo or {}).get("username") or "")
+    return username.startswith(f"system:serviceaccount:{agent_namespace}:")
+
+
 def running_node(vmi: Mapping[str, Any] | None) -> str | None:
     """The node of a VMI that runs (a guest that can be asked), if any."""
     if vmi is None:

@@ -97,6 +97,8 @@ class SimulatedGuest:
         self.received_on: list[str] = []  # the group address each message came on
         self.errors: list[ProtocolError] = []
         self.on_challenge: Callable[[Challenge], None] | None = None
+        # Called with every message from the host as it arrives (e.g. to time it).
+        self.on_message: Callable[[HostMessage], None] | None = None
         self._server: asyncio.Server | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._changed = asyncio.Condition()
@@ -224,6 +226,8 @@ class SimulatedGuest:
             self.errors.append(error)
             return
         message = inbound.message
+        if self.on_message is not None:
+            self.on_message(message)
         self.received.append(message)
         self.received_on.append(inbound.address)
         if isinstance(message, Challenge):

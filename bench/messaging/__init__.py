@@ -1,0 +1,1 @@
+"""Server group messaging benchmark: two real node agents, the real apiserver, simulated guests."""
