@@ -14,7 +14,7 @@ import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from vmha_node_agent.config import ChannelPolicy, GuestLimits
 from vmha_node_agent.ratelimit import TokenBucket
@@ -121,7 +121,6 @@ class GuestChannel:
         except OSError as exc:
             log.debug("channel %s not reachable: %s", self.path, exc)
             return None
-        assert isinstance(transport, asyncio.Transport)
         # Told when the guest has read most of a long answer (see send_when_writable).
         transport.set_write_buffer_limits(high=self._max_write_buffer // 2)
         self._transport = transport
@@ -173,8 +172,8 @@ class _ChannelProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport; uvloop's do not subclass asyncio.Transport (no isinstance).
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         assert self._transport is not None
