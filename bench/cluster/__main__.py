@@ -36,13 +36,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.heartbeat.__main__ import (
     Simulator,
@@ -52,11 +49,13 @@ from bench.heartbeat.__main__ import (
     rss_mib,
     simulator,
 )
-from vmha_node_agent.devrun import AgentProcess
 from vmha_node_agent.kubeapi import EVENTS, PODS, VMGROUPS, VMIS, KubeApi
-from vmha_node_agent.metrics import AgentMetrics
-from vmha_node_agent.ratelimit import TokenBucket
+from vmha_node_agent.watch import watch_events
+from vmha_testbed.agentproc import AgentProcess
+from vmha_testbed.cluster import admin_api
 from vmha_testbed.controlplane import ControlPlane
+from vmha_testbed.kubevirt import SOCKET_NAME, launcher_pod, private_dir
+from vmha_testbed.promtext import Sample, parse_samples
 
 NODE = "bench-node"
 NAMESPACE = "bench"
@@ -72,7 +71,7 @@ AGENT_CONFIG: dict[str, Any] = {
     "doctor": {"url": ""},
 }
 
-Samples = list[tuple[str, dict[str, str], float]]
+Samples = list[Sample]
 
 
 @dataclass
@@ -136,14 +135,6 @@ class Result:
 # --- metrics ---------------------------------------------------------------------------------
 
 
-def parse(text: str) -> Samples:
-    return [
-        (sample.name, dict(sample.labels), sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    ]
-
-
 def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(
         value
@@ -192,12 +183,7 @@ class Cluster:
         self.control_plane = control_plane
         self.kubelet_root = kubelet_root
         self.guests = guests
-        self.api = KubeApi(
-            control_plane.api_client(),
-            AgentMetrics(),
-            timeout_s=60.0,
-            write_budget=TokenBucket(1e6, 1_000_000),
-        )
+        self.api = admin_api(control_plane, timeout_s=60.0)
 
     def create_group(self) -> None:
         heartbeat = {"minIntervalMs": 100, "missedThreshold": MISSED_THRESHOLD,
@@ -232,13 +218,11 @@ class Cluster:
                 "status": {"phase": "Running", "nodeName": NODE},
             },
         )
-        pod = self.api.call("create", PODS, PODS.path(NAMESPACE), body=launcher_pod(name, vmi))
-        directory = (
-            self.kubelet_root / "pods" / pod["metadata"]["uid"] / "volumes"
-            / "kubernetes.io~empty-dir" / "private"
-        )  # fmt: skip
+        body = launcher_pod(name, vmi["metadata"]["uid"], NODE)
+        pod = self.api.call("create", PODS, PODS.path(NAMESPACE), body=body)
+        directory = private_dir(self.kubelet_root, pod["metadata"]["uid"])
         directory.mkdir(parents=True)
-        (directory / "vmha").symlink_to(self.guests / f"{name}.sock")
+        (directory / SOCKET_NAME).symlink_to(self.guests / f"{name}.sock")
 
     def create_all(self, names: list[str]) -> None:
         with concurrent.futures.ThreadPoolExecutor(CREATE_WORKERS) as pool:
@@ -248,35 +232,8 @@ class Cluster:
     def apiserver_requests(self) -> dict[str, float]:
         """apiserver_request_total for the resources the agent uses, by verb and resource."""
         text = self.control_plane.kubectl("get", "--raw", "/metrics").stdout
-        samples = [s for s in parse(text) if s[1].get("resource") in OUR_RESOURCES]
+        samples = [s for s in parse_samples(text) if s[1].get("resource") in OUR_RESOURCES]
         return by_labels(samples, "apiserver_request_total", ("verb", "resource"))
-
-
-def launcher_pod(name: str, vmi: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "generateName": f"virt-launcher-{name}-",
-            "labels": {
-                "kubevirt.io": "virt-launcher",
-                "kubevirt.io/created-by": vmi["metadata"]["uid"],
-                "vm.kubevirt.io/name": name,
-            },
-        },
-        "spec": {
-            "nodeName": NODE,
-            "automountServiceAccountToken": False,
-            "containers": [
-                {
-                    "name": "compute",
-                    "image": "quay.io/kubevirt/virt-launcher:v1.5.0",
-                    "volumeMounts": [{"name": "private", "mountPath": "/var/run/kubevirt-private"}],
-                }
-            ],
-            "volumes": [{"name": "private", "emptyDir": {}}],
-        },
-    }
 
 
 class EventWatch:
@@ -313,7 +270,7 @@ class EventWatch:
 
     def _run(self) -> None:
         with contextlib.suppress(Exception):  # ends when stopped
-            for event in _watch_events(self._response):
+            for event in watch_events(self._response):
                 obj = event.get("object") or {}
                 if event.get("type") != "ADDED" or "regarding" not in obj:
                     continue
@@ -322,21 +279,11 @@ class EventWatch:
                     self._seen.setdefault(key, (time.time(), obj))
 
 
-def _watch_events(response: Any) -> Iterator[dict[str, Any]]:
-    pending = b""
-    for chunk in response.stream(64 * 1024):
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
-
-
 # --- the phases -------------------------------------------------------------------------------
 
 
 async def agent_samples(agent: AgentProcess) -> Samples:
-    return parse(await asyncio.to_thread(agent.metrics_text))
+    return await asyncio.to_thread(agent.samples)
 
 
 async def measure_discovery(cluster: Cluster, agent: AgentProcess, count: int) -> Discovery:
@@ -524,11 +471,11 @@ async def run(args: argparse.Namespace, workdir: Path, control_plane: ControlPla
         progress(f"starting {args.vms} simulated guests")
         async with simulator(guests, args.vms, args.interval_ms) as sim:
             agent = AgentProcess(
-                NODE,
+                workdir / "agent.log",
+                AGENT_CONFIG,
+                node_name=NODE,
                 kubeconfig=control_plane.kubeconfig_path,
                 kubelet_root=kubelet_root,
-                log_path=workdir / "agent.log",
-                config=AGENT_CONFIG,
                 extra_args=("--log-level=warning",),
             )
             with agent:

@@ -28,8 +28,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from vmha_testbed.agentproc import NodeAgentProcess, Sample
+from vmha_testbed.agentproc import AgentProcess
 from vmha_testbed.inspector import InspectorServer
+from vmha_testbed.promtext import Sample
 
 MISSED_THRESHOLD = 3
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -95,13 +96,13 @@ def agent_config(directory: Path, count: int, inspector_url: str) -> dict[str, A
     }
 
 
-async def wait_registered(agent: NodeAgentProcess, count: int, timeout: float = 120) -> None:
+async def wait_registered(agent: AgentProcess, count: int, timeout: float = 120) -> None:
     async with asyncio.timeout(timeout):
         while True:
             healthy = sum(
                 1
-                for name, labels, value in await agent.samples()
-                if name == "vmha_heartbeat_state" and ("state", "healthy") in labels and value
+                for name, labels, value in await asyncio.to_thread(agent.samples)
+                if name == "vmha_heartbeat_state" and labels.get("state") == "healthy" and value
             )
             if healthy == count:
                 return
@@ -113,7 +114,7 @@ def rtt_buckets(samples: list[Sample]) -> dict[float, float]:
     buckets: dict[float, float] = {}
     for name, labels, value in samples:
         if name == "vmha_heartbeat_rtt_seconds_bucket":
-            bound = float(dict(labels)["le"])  # "+Inf" parses as inf
+            bound = float(labels["le"])  # "+Inf" parses as inf
             buckets[bound] = buckets.get(bound, 0.0) + value
     return buckets
 
@@ -213,26 +214,27 @@ async def run_case(count: int, interval_ms: int, window_s: float, samples: int) 
     try:
         with tempfile.TemporaryDirectory(prefix="vmha-bench-") as tmp:
             directory = Path(tmp)
-            agent = NodeAgentProcess(
+            agent = AgentProcess(
+                directory / "agent" / "agent.log",
                 agent_config(directory, count, inspector.url),
-                directory / "agent",
-                args=("--log-level", "error"),
+                extra_args=("--log-level", "error"),
             )
             async with simulator(directory, count, interval_ms) as sim:
-                await agent.start()
+                await asyncio.to_thread(agent.start)
+                pid = agent.pid or 0
                 try:
                     await wait_registered(agent, count)
                     await asyncio.sleep(max(2.0, 3 * interval_ms / 1000))  # warm-up
-                    before_rtt = rtt_buckets(await agent.samples())
-                    cpu_before, t_before = cpu_seconds(agent.pid), time.monotonic()
+                    before_rtt = rtt_buckets(await asyncio.to_thread(agent.samples))
+                    cpu_before, t_before = cpu_seconds(pid), time.monotonic()
                     await asyncio.sleep(window_s)
-                    cpu_after, t_after = cpu_seconds(agent.pid), time.monotonic()
-                    after_rtt = rtt_buckets(await agent.samples())
-                    memory = rss_mib(agent.pid)
+                    cpu_after, t_after = cpu_seconds(pid), time.monotonic()
+                    after_rtt = rtt_buckets(await asyncio.to_thread(agent.samples))
+                    memory = rss_mib(pid)
                     window_rtt = {b: after_rtt[b] - before_rtt.get(b, 0) for b in after_rtt}
                     detection = await measure_detection(sim, inspector, count, interval_ms, samples)
                 finally:
-                    await agent.stop()
+                    await asyncio.to_thread(agent.stop)
     finally:
         await inspector.stop()
     latencies = detection.latencies_ms or [math.nan]

@@ -12,13 +12,14 @@ The control plane fixtures (`control_plane`, `namespace`) come from tests/confte
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vmha_testbed.guestimage import GuestImage, build_guest_image
-from vmha_testbed.qemu import DEFAULT_PORT, DEFAULT_READY_TIMEOUT, BootGuests, GuestVM, boot_guests
+from vmha_testbed.qemu import BootGuests, GuestVM, boot_guests
 
 E2E_DIR = Path(__file__).parent
 
@@ -38,25 +39,9 @@ def guest_image() -> GuestImage:
 def boot_guests_fixture(guest_image: GuestImage, tmp_path: Path) -> Iterator[BootGuests]:
     started: list[GuestVM] = []
 
-    def boot(
-        configs: Sequence[str | None],
-        *,
-        names: Sequence[str] | None = None,
-        port_name: str = DEFAULT_PORT,
-        files: Mapping[str, str | bytes] | None = None,
-        ready_timeout: float = DEFAULT_READY_TIMEOUT,
-        channel_sockets: Sequence[Path | None] | None = None,
-    ) -> list[GuestVM]:
-        guests = boot_guests(
-            guest_image,
-            tmp_path / f"boot-{len(started)}",
-            configs,
-            names=names,
-            port_name=port_name,
-            files=files,
-            ready_timeout=ready_timeout,
-            channel_sockets=channel_sockets,
-        )
+    def boot(configs: Sequence[str | None], **options: Any) -> list[GuestVM]:
+        """`boot_guests` with the image and a directory of its own (see `BootGuests`)."""
+        guests = boot_guests(guest_image, tmp_path / f"boot-{len(started)}", configs, **options)
         started.extend(guests)
         return guests
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +35,13 @@ from typing import Any, Literal, TypeVar
 import pytest
 import yaml
 
-from vmha_node_agent.devrun import AgentProcess
-from vmha_operator.devrun import OperatorProcess
+from vmha_testbed import polling
+from vmha_testbed.agentproc import AgentProcess
 from vmha_testbed.cluster import FAST_AGENT_CONFIG, LocalCluster, local_cluster
 from vmha_testbed.controlplane import ControlPlane
 from vmha_testbed.guestimage import GuestImage
 from vmha_testbed.kubevirt import KubeVirt, Member
+from vmha_testbed.operatorproc import OperatorProcess
 from vmha_testbed.prometheus import PrometheusServer, ScrapeTarget
 from vmha_testbed.qemu import GuestVM, boot_guests
 from vmha_testbed.toolchain import REPO_ROOT
@@ -98,20 +98,9 @@ timeout_ms = 500
 """
 
 
-def eventually(
-    check: Callable[[], T | Literal[False] | None],
-    what: str,
-    timeout: float = SETTLE_TIMEOUT,
-    poll: float = 0.25,
-) -> T:
-    """Wait until `check()` returns something truthy, and return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(poll)
+def eventually(check: Callable[[], T | Literal[False] | None], what: str) -> T:
+    """`vmha_testbed.polling.eventually` with the patience QEMU guests under TCG need."""
+    return polling.eventually(check, what, SETTLE_TIMEOUT, poll=0.25)
 
 
 # --- the cluster, as KubeVirt would make it ---------------------------------------------------
@@ -159,13 +148,7 @@ class Cluster:
     # -- reading --
 
     def wait_heartbeat(self, name: str, state: str, node: str | None = None) -> dict[str, Any]:
-        def shown() -> dict[str, Any] | None:
-            value = self.kubevirt.heartbeat(name)
-            if value is None or value["state"] != state:
-                return None
-            return value if node in (None, value["node"]) else None
-
-        return eventually(shown, f"{name} annotated {state}")
+        return self.kubevirt.wait_heartbeat(name, state, node=node, timeout=SETTLE_TIMEOUT)
 
     def wait_events(self, name: str, reason: str) -> list[dict[str, Any]]:
         return eventually(lambda: self.kubevirt.events(name, reason), f"{reason} about {name}")
@@ -294,10 +277,7 @@ def cluster(
                     {"minIntervalMs": 400, "missedThreshold": MISSED_THRESHOLD,
                      "correctiveAction": "log"}
                 )  # fmt: skip
-                for name, node in (("vm-a", "node-a"), ("vm-b", "node-b")):
-                    local.kubevirt.create_vm(name, GROUP)
-                    local.kubevirt.start_vmi(name, node)
-                members = list(world.members.values())
+                members = local.kubevirt.start_members(GROUP, {"vm-a": "node-a", "vm-b": "node-b"})
                 guests = boot_guests(
                     guest_image,
                     workdir / "guests",

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from vmha_testbed.guestimage import (
     build_guest_image,
     source_root,
 )
+from vmha_testbed.polling import eventually
 from vmha_testbed.qemu import BootGuests
 
 pytestmark = pytest.mark.timeout(900)
@@ -155,7 +155,7 @@ def test_qemu_dies_with_the_process_that_started_it(
     owner, qemu_pid = start_guest_owner(guest_image, tmp_path)
     owner.kill()  # SIGKILL: no cleanup code runs in the owner
     owner.wait(timeout=30)
-    wait_until(lambda: process_state(qemu_pid) in ("", "Z"), timeout=30)
+    eventually(lambda: process_state(qemu_pid) in ("", "Z"), "QEMU gone", timeout=30)
 
 
 def test_ctrl_c_stops_qemu(guest_image: GuestImage, tmp_path: Path) -> None:
@@ -163,7 +163,7 @@ def test_ctrl_c_stops_qemu(guest_image: GuestImage, tmp_path: Path) -> None:
     # What a terminal does on Ctrl-C: SIGINT to the foreground process group.
     os.killpg(owner.pid, signal.SIGINT)
     assert owner.wait(timeout=60) != 0
-    wait_until(lambda: process_state(qemu_pid) in ("", "Z"), timeout=30)
+    eventually(lambda: process_state(qemu_pid) in ("", "Z"), "QEMU gone", timeout=30)
 
 
 def start_guest_owner(image: GuestImage, workdir: Path) -> tuple[subprocess.Popen[str], int]:
@@ -198,10 +198,3 @@ def process_state(pid: int) -> str:
     except FileNotFoundError:
         return ""
     return stat.rpartition(")")[2].split()[0]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from vmha_testbed.agentproc import NodeAgentProcess
+from vmha_testbed.agentproc import AgentProcess
 from vmha_testbed.guestimage import GuestImage
 from vmha_testbed.inspector import InspectorServer
 from vmha_testbed.qemu import GuestVM, boot_guests
@@ -58,15 +58,26 @@ timeout_ms = 500
 class Bench:
     a: GuestVM
     b: GuestVM
-    agent: NodeAgentProcess
+    agent: AgentProcess
     inspector: InspectorServer
+
+    # The agent's blocking calls, off the event loop (the inspector serves on it).
+
+    async def metric(self, name: str, **labels: str) -> float | None:
+        return await asyncio.to_thread(self.agent.metric, name, **labels)
+
+    async def state(self, vm: str) -> str | None:
+        return await asyncio.to_thread(self.agent.state, vm, NAMESPACE)
+
+    async def wait_state(self, vm: str, state: str, timeout: float) -> None:
+        await asyncio.to_thread(self.agent.wait_state, vm, state, timeout, NAMESPACE)
 
     async def counters(self, vm: str) -> tuple[float, float]:
         """(missed challenges, faults) of one VM so far."""
-        missed = await self.agent.value("vmha_heartbeat_missed_total", vm=vm) or 0.0
+        missed = await self.metric("vmha_heartbeat_missed_total", vm=vm) or 0.0
         faults = 0.0
-        for name, labels, value in await self.agent.samples():
-            if name == "vmha_heartbeat_faults_total" and ("vm", vm) in labels:
+        for name, labels, value in await asyncio.to_thread(self.agent.samples):
+            if name == "vmha_heartbeat_faults_total" and labels.get("vm") == vm:
                 faults += value
         return missed, faults
 
@@ -101,7 +112,8 @@ async def bench(
     )
     inspector = InspectorServer(token="e2e-token")
     await inspector.start()
-    agent = NodeAgentProcess(
+    agent = AgentProcess(
+        workdir / "agent" / "agent.log",
         {
             "node_name": "e2e-node",
             "heartbeat": {"min_interval_ms": 100, "missed_threshold": MISSED_THRESHOLD},
@@ -111,13 +123,12 @@ async def bench(
                 for vm in (a, b)
             ],
         },
-        workdir / "agent",
     )
-    await agent.start()
+    await asyncio.to_thread(agent.start)
     try:
         yield Bench(a, b, agent, inspector)
     finally:
-        assert await agent.stop() == 0  # SIGTERM is a clean stop
+        assert await asyncio.to_thread(agent.stop) == 0  # SIGTERM is a clean stop
         await inspector.stop()
         for vm in (a, b):
             await asyncio.to_thread(vm.close)
@@ -130,14 +141,14 @@ def event_time(event: dict[str, Any]) -> float:
 async def test_guests_register_and_heartbeat_without_a_miss(bench: Bench) -> None:
     # The daemon starts a few seconds after the boot marker (Python under TCG).
     for vm in ("guest-a", "guest-b"):
-        await bench.agent.wait_state(vm, "healthy", timeout=120, namespace=NAMESPACE)
-    before = await bench.agent.value("vmha_heartbeat_challenges_total", vm="guest-a") or 0
+        await bench.wait_state(vm, "healthy", timeout=120)
+    before = await bench.metric("vmha_heartbeat_challenges_total", vm="guest-a") or 0
     await asyncio.sleep(INTERVAL_S * 8)
-    after = await bench.agent.value("vmha_heartbeat_challenges_total", vm="guest-a") or 0
+    after = await bench.metric("vmha_heartbeat_challenges_total", vm="guest-a") or 0
     assert after - before >= 7
     for vm in ("guest-a", "guest-b"):
         assert await bench.counters(vm) == (0, 0)
-        healthy = await bench.agent.value("vmha_heartbeat_responses_total", vm=vm, health="healthy")
+        healthy = await bench.metric("vmha_heartbeat_responses_total", vm=vm, health="healthy")
         assert healthy is not None and healthy >= 7
     assert bench.inspector.events == []
 
@@ -156,7 +167,7 @@ async def test_hang_is_detected_in_bound_and_reported_to_doctor(bench: Bench) ->
     assert down["details"]["hostname"] == "e2e-node"
     assert down["details"]["reason"] == "missed"
     assert down["details"]["namespace"] == NAMESPACE
-    assert await bench.agent.state("guest-a", NAMESPACE) == "failed"
+    assert await bench.state("guest-a") == "failed"
     assert await bench.counters("guest-b") == b_before
 
 
@@ -168,11 +179,11 @@ async def test_sigcont_recovers(bench: Bench) -> None:
     up = await recovered
     down = bench.doctor_events("guest-a", "down")[-1]
     assert up["details"]["monitor_event_id"] == down["details"]["monitor_event_id"]
-    await bench.agent.wait_state("guest-a", "healthy", timeout=10, namespace=NAMESPACE)
+    await bench.wait_state("guest-a", "healthy", timeout=10)
     await asyncio.sleep(INTERVAL_S * 3)
     # No echo of the pause: the guest's clock jumped, but its checks did not call that a fault.
     assert len(bench.doctor_events("guest-a", "down")) == downs
-    assert await bench.agent.state("guest-a", NAMESPACE) == "healthy"
+    assert await bench.state("guest-a") == "healthy"
     assert await bench.counters("guest-b") == b_before
 
 
@@ -183,11 +194,11 @@ async def test_failing_health_check_makes_the_guest_unhealthy(bench: Bench) -> N
     down = await reported
     assert down["details"]["reason"] == "unhealthy"
     assert "app-ready" in down["details"]["message"]  # the guest names the failing check
-    assert await bench.agent.state("guest-a", NAMESPACE) == "unhealthy"
+    assert await bench.state("guest-a") == "unhealthy"
     recovered = asyncio.create_task(bench.next_doctor("guest-a", "up", timeout=30))
     await bench.a.check_async(f"touch {HEALTH_FLAG}")
     await recovered
-    await bench.agent.wait_state("guest-a", "healthy", timeout=10, namespace=NAMESPACE)
+    await bench.wait_state("guest-a", "healthy", timeout=10)
     assert await bench.counters("guest-b") == b_before
 
 
@@ -203,7 +214,7 @@ async def test_restarted_guest_daemon_registers_again(bench: Bench) -> None:
             await asyncio.sleep(0.2)
     reasons = [t["reason"] for t in bench.agent.transitions("guest-a")]
     assert "deregistered" in reasons[-2:]  # the daemon said `exit` on SIGTERM: not a fault
-    await bench.agent.wait_state("guest-a", "healthy", timeout=30, namespace=NAMESPACE)
+    await bench.wait_state("guest-a", "healthy", timeout=30)
     assert await bench.counters("guest-a") == a_before
     assert await bench.counters("guest-b") == b_before
 
@@ -215,8 +226,8 @@ async def test_killed_qemu_is_a_fault_and_the_other_guest_carries_on(bench: Benc
     await asyncio.to_thread(bench.b.kill)
     down = await reported
     assert event_time(down) - killed_at <= DETECTION_BOUND_S + MARGIN_S
-    assert await bench.agent.state("guest-b", NAMESPACE) == "failed"
-    assert await bench.agent.value("vmha_channel_connected", vm="guest-b") == 0
+    assert await bench.state("guest-b") == "failed"
+    assert await bench.metric("vmha_channel_connected", vm="guest-b") == 0
     await asyncio.sleep(INTERVAL_S * 3)
-    assert await bench.agent.state("guest-a", NAMESPACE) == "healthy"
+    assert await bench.state("guest-a") == "healthy"
     assert await bench.counters("guest-a") == a_before

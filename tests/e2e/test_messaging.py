@@ -130,10 +130,7 @@ def mesh(
     ) as cluster:
         kubevirt = cluster.kubevirt
         kubevirt.create_group(GROUP)
-        members = []
-        for name, node in PLACEMENT.items():
-            kubevirt.create_vm(name, GROUP)
-            members.append(kubevirt.start_vmi(name, node))
+        members = kubevirt.start_members(GROUP, PLACEMENT)
         booted = boot_guests(
             guest_image,
             workdir / "guests",
@@ -145,11 +142,7 @@ def mesh(
         guests = {guest.name: guest for guest in booted}
         try:
             for name in PLACEMENT:
-                eventually(
-                    lambda n=name: (kubevirt.heartbeat(n) or {}).get("state") == "healthy",  # type: ignore[misc]
-                    f"{name} registered",
-                    SETTLE_TIMEOUT,
-                )
+                kubevirt.wait_heartbeat(name, "healthy", timeout=SETTLE_TIMEOUT)
             watches = {name: GuestWatch(guest).start() for name, guest in guests.items()}
             in_parallel({name: watch.wait_subscribed for name, watch in watches.items()})
             yield Mesh(cluster, guests, watches)

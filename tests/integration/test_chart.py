@@ -42,21 +42,23 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from vmha_node_agent import cli as agent_cli
+from vmha_node_agent.cli import agent_command
 from vmha_node_agent.config import AgentConfig, PeerTLS
-from vmha_node_agent.devrun import agent_command, metric_value
 from vmha_node_agent.rbac import node_agent_namespace_rules, node_agent_rules
 from vmha_node_agent.tls import client_context, server_context
 from vmha_operator import cli as operator_cli
-from vmha_operator.devrun import operator_command
+from vmha_operator.cli import operator_command
 from vmha_operator.rbac import (
     operator_agent_namespace_rules,
     operator_peering_namespace_rules,
     operator_rules,
 )
 from vmha_operator.webhooks import webhook_configurations
-from vmha_testbed import children
+from vmha_testbed.children import Child
 from vmha_testbed.controlplane import ControlPlane
+from vmha_testbed.loopback import accepts, free_port, http_get, http_ok
 from vmha_testbed.pki import CertificateAuthority
+from vmha_testbed.promtext import metric_value
 from vmha_testbed.toolchain import REPO_ROOT, Toolchain, ensure_toolchain
 
 CHART = REPO_ROOT / "charts" / "vmha"
@@ -1081,13 +1083,6 @@ def test_upgrades_keep_the_certificates_and_deleting_a_secret_renews_it(
 START_TIMEOUT = 120.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 TokenMaker = Callable[[Object], str]
 
 
@@ -1187,41 +1182,14 @@ def service_account_token(
     return control_plane.kubectl(*args).stdout.strip()
 
 
-def wait_until(
-    process: subprocess.Popen[bytes], check: Callable[[], bool], what: str, log: Path
-) -> None:
-    """Wait for `check` while `process` runs; fail with the end of its log otherwise."""
-
-    def tail() -> str:
-        return log.read_text(errors="replace")[-3000:] if log.exists() else ""
-
-    deadline = time.monotonic() + START_TIMEOUT
-    while not check():
-        assert process.poll() is None, f"{what}: the process exited:\n{tail()}"
-        assert time.monotonic() < deadline, f"{what}: not within {START_TIMEOUT:.0f} s:\n{tail()}"
-        time.sleep(0.3)
-
-
-def accepts(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
-        return True
-    return False
-
-
-def http_ok(url: str) -> bool:
-    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as response:
-        return bool(response.status == 200)
-    return False
-
-
 @contextlib.contextmanager
-def running(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as output:
-        process = children.spawn(argv, output=output, env={**os.environ, **env})
+def running(name: str, argv: list[str], env: dict[str, str], log: Path) -> Iterator[Child]:
+    child = Child(name, log)
+    child.start(argv, env={**os.environ, **env})
     try:
-        yield process
+        yield child
     finally:
-        children.stop(process)
+        child.stop()
 
 
 def assert_no_refusals(log: Path) -> None:
@@ -1306,11 +1274,11 @@ def test_the_operator_starts_with_the_charts_command_line_rbac_and_certificate(
                 assert conn.version()
             assert workload["kind"] == ("StatefulSet" if peerings else "Deployment")
             for peering in peerings:
-                wait_until(
-                    operator.process,
+                operator.child.wait_until(
                     peered(control_plane, peering),
-                    f"no peer in {peering['kind']} {peering['metadata']}",
-                    operator.log,
+                    f"a peer in {peering['kind']} {peering['metadata']}",
+                    START_TIMEOUT,
+                    poll=0.3,
                 )
         assert_no_refusals(operator.log)
     finally:
@@ -1322,7 +1290,7 @@ def test_the_operator_starts_with_the_charts_command_line_rbac_and_certificate(
 @dataclass
 class RunningOperator:
     pod: LocalPod
-    process: subprocess.Popen[bytes]
+    child: Child
     webhook_port: int
     log: Path
 
@@ -1351,12 +1319,12 @@ def running_operator(
     kubeconfig = control_plane.kubeconfig_for_service_account(namespace, account)
     log = tmp_path / "operator.log"
     command = [*operator_command(), *argv, f"--kubeconfig={kubeconfig}"]
-    with running(command, env, log) as process:
+    with running("operator", command, env, log) as child:
         health = f"http://127.0.0.1:{health_port}/healthz"
-        wait_until(process, lambda: http_ok(health), "operator healthy", log)
+        child.wait_until(lambda: http_ok(health), "healthy", START_TIMEOUT, poll=0.3)
         # Ready as the pod's readinessProbe sees it: the webhook server accepts connections.
-        wait_until(process, lambda: accepts(webhook_port), "operator ready", log)
-        yield RunningOperator(pod, process, webhook_port, log)
+        child.wait_until(lambda: accepts(webhook_port), "ready", START_TIMEOUT, poll=0.3)
+        yield RunningOperator(pod, child, webhook_port, log)
 
 
 # --- the operator asks a node agent for a vote, both as the chart runs them -------------------
@@ -1367,16 +1335,14 @@ VOTER_NODE = "node-a"
 @dataclass
 class RunningAgent:
     pod: LocalPod
-    process: subprocess.Popen[bytes]
+    child: Child
     metrics_port: int
     messaging_port: int
     log: Path
 
     def metric(self, name: str, **labels: str) -> float | None:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10
-        ) as response:
-            text = response.read().decode()
+        status, text = http_get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10)
+        assert status == 200, text
         return metric_value(text, name, **labels)
 
 
@@ -1434,10 +1400,10 @@ def running_agent(
     kubeconfig = control_plane.kubeconfig_for_service_account(namespace, account)
     log = tmp_path / "node-agent.log"
     command = [*agent_command(), *argv, f"--kubeconfig={kubeconfig}"]
-    with running(command, env, log) as process:
+    with running("node agent", command, env, log) as child:
         ready = f"http://127.0.0.1:{metrics_port}/readyz"
-        wait_until(process, lambda: http_ok(ready), "agent ready", log)
-        yield RunningAgent(pod, process, metrics_port, messaging_port, log)
+        child.wait_until(lambda: http_ok(ready), "ready", START_TIMEOUT, poll=0.3)
+        yield RunningAgent(pod, child, metrics_port, messaging_port, log)
 
 
 def lease_endpoint(control_plane: ControlPlane, namespace: str, kubeconfig: Path) -> str | None:
@@ -1544,11 +1510,11 @@ def test_the_operator_asks_the_node_agent_for_votes_with_the_charts_credentials(
             ]
             as_operator = control_plane.kubeconfig_for_service_account(namespace, operator_account)
             endpoint = f"https://127.0.0.1:{agent.messaging_port}"
-            wait_until(
-                agent.process,
+            agent.child.wait_until(
                 lambda: lease_endpoint(control_plane, namespace, as_operator) == endpoint,
                 "the agent's Lease",
-                agent.log,
+                START_TIMEOUT,
+                poll=0.3,
             )
 
             context = ssl.create_default_context(cafile=str(operator.pod.path("/tls/ca.crt")))

@@ -14,8 +14,7 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,12 @@ from kubernetes import client as k8s
 from kubernetes.client import ApiException
 
 from vmha_testbed.controlplane import VMHA_CRDS_DIR, ControlPlane
+from vmha_testbed.polling import eventually
 from vmha_testbed.toolchain import read_versions
 
 # Waits are generous: two shared cores, other suites running.
 SETTLE_TIMEOUT = 30.0
 PROCESS_START_TIMEOUT = 240.0
-
-
-def _eventually(check: Callable[[], bool], timeout: float = SETTLE_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"condition not met within {timeout:.0f} s"
-        time.sleep(0.2)
 
 
 @pytest.fixture
@@ -252,7 +245,7 @@ def test_rbac_is_enforced_for_a_service_account_token(
                                         namespace=namespace)],
         ),
     )  # fmt: skip
-    _eventually(can_list_pods)
+    eventually(can_list_pods, "the RoleBinding in effect", SETTLE_TIMEOUT)
 
 
 def test_client_certificate_identities_carry_user_and_groups(control_plane: ControlPlane) -> None:
@@ -349,7 +342,7 @@ def test_apiserver_calls_a_webhook_served_with_a_cluster_ca_certificate(
                 core.delete_namespaced_config_map("refused", namespace)
                 return False
 
-            _eventually(refused)
+            eventually(refused, "the webhook refusing", SETTLE_TIMEOUT)
             core.create_namespaced_config_map(
                 namespace, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="accepted"))
             )
@@ -455,7 +448,7 @@ def test_servers_die_with_a_killed_parent() -> None:
         assert all(map(_server_alive, pids))
         tool.process.send_signal(signal.SIGKILL)  # no atexit, no __exit__: only the kernel
         tool.process.wait(60)
-        _eventually(lambda: not any(map(_server_alive, pids)))
+        eventually(lambda: not any(map(_server_alive, pids)), "servers gone", SETTLE_TIMEOUT)
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

@@ -3,36 +3,15 @@ so the examples never rot: the group is created, both VMs join and get their pla
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from vmha_operator.devrun import OperatorProcess
 from vmha_testbed.controlplane import ControlPlane
+from vmha_testbed.kubectl import Kubectl
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-SETTLE_TIMEOUT = 60.0
-
-
-@pytest.fixture
-def operator(
-    control_plane: ControlPlane, namespace: str, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    log = tmp_path / "operator.log"
-    with OperatorProcess(control_plane.kubeconfig_path, namespaces=[namespace], log_path=log) as op:
-        yield op
-
-
-def get(control_plane: ControlPlane, namespace: str, *what: str) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(
-        control_plane.kubectl("-n", namespace, "get", *what, "-o", "json").stdout
-    )
-    return result
 
 
 def test_examples_are_yaml_with_a_group_and_its_vms() -> None:
@@ -50,24 +29,25 @@ def test_examples_are_yaml_with_a_group_and_its_vms() -> None:
 
 @pytest.mark.usefixtures("operator")
 def test_examples_apply_and_the_vms_join(control_plane: ControlPlane, namespace: str) -> None:
-    applied = control_plane.kubectl("-n", namespace, "apply", "-f", str(EXAMPLES)).stdout
+    kubectl = Kubectl(control_plane, namespace)
+    applied = kubectl.ok("apply", "-f", str(EXAMPLES))
     assert applied.split("\n")[:3] == [
         "vmgroup.vmha.io/web created",
         "virtualmachine.kubevirt.io/web-1 created",
         "virtualmachine.kubevirt.io/web-2 created",
     ]
     for name in ("web-1", "web-2"):
-        template = get(control_plane, namespace, "vm", name)["spec"]["template"]
+        template = kubectl.get("vm", name)["spec"]["template"]
         assert template["metadata"]["labels"] == {"app": "web", "vmha.io/group": "web"}
         anti = template["spec"]["affinity"]["podAntiAffinity"]
         assert anti["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == (
             "kubernetes.io/hostname"
         )
         assert "hooks.kubevirt.io/hookSidecars" in template["metadata"]["annotations"]
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while get(control_plane, namespace, "vmg", "web").get("status", {}).get("memberCount") != 2:
-        assert time.monotonic() < deadline, "the example group did not report two members"
-        time.sleep(0.3)
+    kubectl.eventually(
+        lambda: kubectl.get("vmg", "web").get("status", {}).get("memberCount") == 2,
+        "the example group reporting two members",
+    )
     # Applying again is a no-op: the webhook's changes do not fight the manifests.
-    again = control_plane.kubectl("-n", namespace, "apply", "-f", str(EXAMPLES)).stdout
+    again = kubectl.ok("apply", "-f", str(EXAMPLES))
     assert "configured" not in again, again

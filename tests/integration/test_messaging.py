@@ -15,18 +15,16 @@ ClusterRole and the Role in the agents' namespace); the operator likewise with
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
 import ssl
-import threading
 import time
 import urllib.error
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -34,7 +32,6 @@ from vmha_node_agent.kubeapi import LEASES, MERGE_PATCH, VMIS, VMS, KubeApi, Kub
 from vmha_node_agent.leases import lease_name
 from vmha_node_agent.metrics import AgentMetrics
 from vmha_node_agent.ratelimit import TokenBucket
-from vmha_operator.devrun import OperatorProcess
 from vmha_protocol.limits import MAX_BROADCAST_BYTES
 from vmha_protocol.nack import NackReason, nack_reason
 from vmha_protocol.server_group import MemberState
@@ -47,13 +44,14 @@ from vmha_testbed.cluster import (
     request_token,
 )
 from vmha_testbed.controlplane import ControlPlane
+from vmha_testbed.guestloop import GuestLoop
 from vmha_testbed.kubevirt import ready_conditions
+from vmha_testbed.operatorproc import OperatorProcess
 from vmha_testbed.polling import eventually
 from vmha_testbed.simguest import SimulatedGuest, acked
 
 pytestmark = pytest.mark.timeout(300)
 
-T = TypeVar("T")
 SETTLE_TIMEOUT = 60.0
 AGENTS_NAMESPACE = "vmha-messaging"
 
@@ -65,33 +63,6 @@ def credentials(control_plane: ControlPlane) -> Iterator[Credentials]:
         control_plane, namespace=AGENTS_NAMESPACE, rbac_prefix="vmha-messaging-test"
     ) as made:
         yield made
-
-
-# --- guests on their own loop -----------------------------------------------------------------
-
-
-class GuestLoop:
-    """An event loop in a thread for the simulated guests: the test's blocking calls never
-    make a guest late, and everything a guest sends is sent from its own loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def do(self, action: Callable[[], T]) -> T:
-        async def run() -> T:
-            return action()
-
-        return self.call(run())
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 # --- the cluster, with simulated guests ----------------------------------------------------------
@@ -121,13 +92,7 @@ class World(LocalCluster):
     def start_vm(self, name: str, node: str, group: str = "web", **guest: Any) -> SimulatedGuest:
         self.kubevirt.create_vm(name, group)
         member = self.kubevirt.start_vmi(name, node)
-
-        async def start() -> SimulatedGuest:
-            simulated = SimulatedGuest(member.socket, name=name, interval_ms=400, **guest)
-            await simulated.start()
-            return simulated
-
-        self.vms[name] = self.guests.call(start())
+        self.vms[name] = self.guests.start_guest(member.socket, name=name, interval_ms=400, **guest)
         return self.vms[name]
 
     def set_status(self, name: str, status: dict[str, Any]) -> None:
@@ -155,7 +120,7 @@ class World(LocalCluster):
         self.stop_processes()
         for guest in self.vms.values():
             with contextlib.suppress(Exception):
-                self.guests.call(guest.close())
+                self.guests.close_guest(guest)
         super().close()
 
 

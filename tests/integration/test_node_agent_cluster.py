@@ -17,47 +17,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import secrets
-import shutil
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
 
-from vmha_node_agent.devrun import AgentProcess
-from vmha_node_agent.kubeapi import (
-    EVENTS,
-    MERGE_PATCH,
-    PODS,
-    VMGROUPS,
-    VMIS,
-    VMS,
-    KubeApi,
-    KubeError,
-)
-from vmha_node_agent.metrics import AgentMetrics
-from vmha_node_agent.ratelimit import TokenBucket
-from vmha_node_agent.rbac import node_agent_rules
 from vmha_protocol.heartbeat import ActionNotify, Challenge, HeartbeatNack
 from vmha_protocol.nack import NackReason, nack_reason
+from vmha_testbed.agentproc import AgentProcess
+from vmha_testbed.cluster import AGENT_ACCOUNT, admin_api, merged, service_accounts
 from vmha_testbed.controlplane import ControlPlane
+from vmha_testbed.guestloop import GuestLoop
+from vmha_testbed.kubevirt import Kubelets, KubeVirt
+from vmha_testbed.polling import eventually
 from vmha_testbed.simguest import Behaviour, SimulatedGuest, acked
 
 pytestmark = pytest.mark.timeout(300)
 
-T = TypeVar("T")
-SETTLE_TIMEOUT = 60.0
 # Long enough that a busy machine (two shared cores) does not make a guest miss by itself.
 INTERVAL_MS = 400
 AGENT_NAMESPACE = "vmha-system"
-AGENT_ACCOUNT = "vmha-node-agent"
 FAULT_REASONS = {"HeartbeatFailed", "HeartbeatMissed", "HeartbeatUnhealthy"}
 
 # Fast settings so that the tests take seconds; the structure is the production one.
@@ -73,58 +57,6 @@ AGENT_CONFIG: dict[str, Any] = {
     },
     "events": {"series_update_s": 0.5},
 }
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = SETTLE_TIMEOUT) -> T:
-    """Wait until `check()` returns something truthy, and return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.2)
-
-
-def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    result = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = merged(result[key], value)
-        else:
-            result[key] = value
-    return result
-
-
-# --- guests on their own loop -----------------------------------------------------------------
-
-
-class GuestLoop:
-    """An event loop in a thread, hosting simulated guests (QEMU's end of the channels)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def start_guest(self, socket_path: Path, **kwargs: Any) -> SimulatedGuest:
-        async def start() -> SimulatedGuest:
-            guest = SimulatedGuest(socket_path, **kwargs)
-            await guest.start()
-            return guest
-
-        return self.call(start())
-
-    def close_guest(self, guest: SimulatedGuest) -> None:
-        self.call(guest.close())
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 class PausableProxy:
@@ -188,47 +120,32 @@ class VMHandle:
     name: str
     node: str
     vmi_uid: str
-    pod_uid: str
     guest: SimulatedGuest
 
 
 class World:
-    """Plays KubeVirt in one namespace: VMGroups, VMs, VMIs on nodes, launcher Pods, and a
-    simulated guest behind each VMI's channel socket on its node."""
+    """Plays KubeVirt in one namespace (`vmha_testbed.kubevirt`: VMGroups, VMs, VMIs on
+    nodes, launcher Pods), with a simulated guest behind each VMI's channel socket on its
+    node."""
 
     def __init__(
-        self, control_plane: ControlPlane, namespace: str, root: Path, guests: GuestLoop
+        self, control_plane: ControlPlane, namespace: str, kubelets: Kubelets, guests: GuestLoop
     ) -> None:
-        self.namespace = namespace
-        self.root = root
         self.guests = guests
-        self.api = KubeApi(
-            control_plane.api_client(),
-            AgentMetrics(),
-            timeout_s=30.0,
-            write_budget=TokenBucket(1000.0, 1000),
-        )
+        self.api = admin_api(control_plane)
+        self.kubevirt = KubeVirt(self.api, namespace, kubelets)
         self.vms: dict[str, VMHandle] = {}
-        self._links = 0
 
     def kubelet_root(self, node: str) -> Path:
-        return self.root / node
+        return self.kubevirt.kubelets.root_of(node)
 
     # -- objects --
 
     def group(self, name: str, heartbeat: dict[str, Any]) -> None:
-        body = {
-            "apiVersion": "vmha.io/v1alpha1",
-            "kind": "VMGroup",
-            "metadata": {"name": name},
-            "spec": {"policy": "soft-anti-affinity", "heartbeat": heartbeat},
-        }
-        self.api.call("create", VMGROUPS, VMGROUPS.path(self.namespace), body=body)
+        self.kubevirt.create_group(name, heartbeat=heartbeat)
 
     def patch_group(self, name: str, heartbeat: dict[str, Any]) -> None:
-        path = VMGROUPS.path(self.namespace, name)
-        body = {"spec": {"heartbeat": heartbeat}}
-        self.api.call("patch", VMGROUPS, path, body=body, content_type=MERGE_PATCH)
+        self.kubevirt.patch_group(name, {"heartbeat": heartbeat})
 
     def start_vm(
         self,
@@ -241,117 +158,19 @@ class World:
     ) -> VMHandle:
         """A VirtualMachine, its running VMI on `node`, the launcher Pod, and the guest
         (asking for `corrective_action`: by default the most, so the group's applies)."""
-        labels = {"vmha.io/group": group} if group else {}
-        annotations = annotations or {}
-        vm = self.api.call(
-            "create",
-            VMS,
-            VMS.path(self.namespace),
-            body={
-                "apiVersion": "kubevirt.io/v1",
-                "kind": "VirtualMachine",
-                "metadata": {"name": name, "labels": labels},
-                "spec": {
-                    "runStrategy": "Always",
-                    "template": {
-                        "metadata": {"labels": labels, "annotations": annotations},
-                        "spec": {"domain": {"devices": {}}},
-                    },
-                },
-            },
-        )
-        owner = {
-            "apiVersion": "kubevirt.io/v1",
-            "kind": "VirtualMachine",
-            "name": name,
-            "uid": vm["metadata"]["uid"],
-            "controller": True,
-        }
-        vmi = self.api.call(
-            "create",
-            VMIS,
-            VMIS.path(self.namespace),
-            body={
-                "apiVersion": "kubevirt.io/v1",
-                "kind": "VirtualMachineInstance",
-                "metadata": {
-                    "name": name,
-                    "labels": labels,
-                    "annotations": {"kubevirt.io/latest-observed-api-version": "v1", **annotations},
-                    "ownerReferences": [owner],
-                },
-                "spec": {"domain": {"devices": {}}},
-            },
-        )
-        uid = vmi["metadata"]["uid"]
-        self.set_vmi_status(name, {"phase": "Running", "nodeName": node})
-        handle = self._launch(name, uid, node, corrective_action)
-        self.vms[name] = handle
-        return handle
+        self.kubevirt.create_vm(name, group, annotations=annotations)
+        member = self.kubevirt.start_vmi(name, node)
+        guest = self._guest(name, member.socket, corrective_action)
+        self.vms[name] = VMHandle(name, node, member.vmi_uid, guest)
+        return self.vms[name]
 
-    def _launch(self, name: str, vmi_uid: str, node: str, corrective_action: str) -> VMHandle:
-        pod = self.api.call(
-            "create",
-            PODS,
-            PODS.path(self.namespace),
-            body={
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "generateName": f"virt-launcher-{name}-",
-                    "labels": {
-                        "kubevirt.io": "virt-launcher",
-                        "kubevirt.io/created-by": vmi_uid,
-                        "vm.kubevirt.io/name": name,
-                    },
-                },
-                "spec": {
-                    "nodeName": node,
-                    "automountServiceAccountToken": False,
-                    "containers": [
-                        {
-                            "name": "compute",
-                            "image": "quay.io/kubevirt/virt-launcher:v1.5.0",
-                            "volumeMounts": [
-                                {"name": "private", "mountPath": "/var/run/kubevirt-private"}
-                            ],
-                        }
-                    ],
-                    "volumes": [{"name": "private", "emptyDir": {}}],
-                },
-            },
+    def _guest(self, name: str, socket: Path, corrective_action: str) -> SimulatedGuest:
+        return self.guests.start_guest(
+            socket, name=name, interval_ms=INTERVAL_MS, corrective_action=corrective_action
         )
-        pod_uid = pod["metadata"]["uid"]
-        guest = self.guests.start_guest(
-            self._socket_path(node, pod_uid),
-            name=name,
-            interval_ms=INTERVAL_MS,
-            corrective_action=corrective_action,
-        )
-        return VMHandle(name, node, vmi_uid, pod_uid, guest)
-
-    def _socket_path(self, node: str, pod_uid: str) -> Path:
-        """Where the guest listens: the emptyDir on the node, reached through a short link
-        (the full path is longer than a unix socket address; the agent copes with that)."""
-        directory = (
-            self.kubelet_root(node)
-            / "pods"
-            / pod_uid
-            / "volumes"
-            / "kubernetes.io~empty-dir"
-            / "private"
-        )
-        directory.mkdir(parents=True)
-        self._links += 1
-        link = self.root / "l" / str(self._links)
-        link.parent.mkdir(exist_ok=True)
-        link.symlink_to(directory)
-        return link / "vmha"
 
     def set_vmi_status(self, name: str, status: dict[str, Any]) -> None:
-        # VMIs have no status subresource (as in KubeVirt): virt-handler patches the object.
-        path = VMIS.path(self.namespace, name)
-        self.api.call("patch", VMIS, path, body={"status": status}, content_type=MERGE_PATCH)
+        self.kubevirt.set_vmi_status(name, status)
 
     def migrate(self, name: str, target: str) -> VMHandle:
         """Live migration as KubeVirt does it: the state says it runs (the source lets go),
@@ -364,7 +183,10 @@ class World:
             "startTimestamp": "2026-01-01T00:00:00Z",
         }
         self.set_vmi_status(name, {"migrationState": migration})
-        target_vm = self._launch(name, source.vmi_uid, target, "reboot")
+        launcher = self.kubevirt.create_launcher(name, target)
+        target_vm = VMHandle(
+            name, target, source.vmi_uid, self._guest(name, launcher.socket, "reboot")
+        )
         eventually(lambda: not source.guest.connected, "the source agent letting go")
         self.guests.close_guest(source.guest)
         self.set_vmi_status(
@@ -380,30 +202,16 @@ class World:
     # -- reading --
 
     def vmi(self, name: str) -> dict[str, Any] | None:
-        try:
-            result: dict[str, Any] = self.api.call("get", VMIS, VMIS.path(self.namespace, name))
-        except KubeError as error:
-            if error.not_found:
-                return None
-            raise
-        return result
+        return self.kubevirt.vmi(name)
 
     def vm(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.api.call("get", VMS, VMS.path(self.namespace, name))
-        return result
+        return self.kubevirt.vm(name)
 
     def heartbeat(self, name: str) -> dict[str, Any] | None:
-        vmi = self.vmi(name) or {}
-        raw = ((vmi.get("metadata") or {}).get("annotations") or {}).get("vmha.io/heartbeat")
-        return json.loads(raw) if raw else None
+        return self.kubevirt.heartbeat(name)
 
     def events(self, name: str, reason: str | None = None) -> list[dict[str, Any]]:
-        items = self.api.call("list", EVENTS, EVENTS.path(self.namespace))["items"]
-        return [
-            event
-            for event in items
-            if event["regarding"]["name"] == name and reason in (None, event["reason"])
-        ]
+        return self.kubevirt.events(name, reason)
 
     def reasons(self, name: str) -> list[str]:
         return sorted(event["reason"] for event in self.events(name))
@@ -416,19 +224,13 @@ class World:
 
     def count(self, name: str, reason: str) -> int:
         """Occurrences of `reason` about `name`: Events and their series."""
-        return sum((e.get("series") or {}).get("count", 1) for e in self.events(name, reason))
+        return self.kubevirt.count(name, reason)
 
     def close(self) -> None:
         for handle in self.vms.values():
             with contextlib.suppress(Exception):
                 self.guests.close_guest(handle.guest)
-        # Without a namespace controller the objects would outlive the test's namespace.
-        for resource in (VMIS, VMS, PODS):
-            with contextlib.suppress(KubeError):
-                items = self.api.call("list", resource, resource.path(self.namespace))["items"]
-                for item in items:
-                    path = resource.path(self.namespace, item["metadata"]["name"])
-                    self.api.call("delete", resource, path)
+        self.kubevirt.delete_all()
         self.api.close()
 
 
@@ -437,42 +239,9 @@ class World:
 
 @pytest.fixture(scope="module")
 def agent_kubeconfig(control_plane: ControlPlane) -> Iterator[Path]:
-    """A ServiceAccount with exactly the agent's documented rules, and a token for it."""
-    with contextlib.suppress(Exception):
-        control_plane.create_namespace(AGENT_NAMESPACE)
-    objects: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": AGENT_ACCOUNT, "namespace": AGENT_NAMESPACE},
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": AGENT_ACCOUNT},
-            "rules": node_agent_rules(),
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": AGENT_ACCOUNT},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": AGENT_ACCOUNT,
-            },
-            "subjects": [
-                {"kind": "ServiceAccount", "name": AGENT_ACCOUNT, "namespace": AGENT_NAMESPACE}
-            ],
-        },
-    ]
-    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
-    control_plane.kubectl("apply", "-f", "-", input=manifest)
-    yield control_plane.kubeconfig_for_service_account(AGENT_NAMESPACE, AGENT_ACCOUNT)
-    control_plane.kubectl(
-        "delete", "clusterrole,clusterrolebinding", AGENT_ACCOUNT, "--ignore-not-found",
-        check=False,
-    )  # fmt: skip
+    """The agents' ServiceAccount with exactly the agent's documented rules, and a token."""
+    with service_accounts(control_plane, namespace=AGENT_NAMESPACE, rbac_prefix="vmha-agent-test"):
+        yield control_plane.kubeconfig_for_service_account(AGENT_NAMESPACE, AGENT_ACCOUNT)
 
 
 @pytest.fixture
@@ -483,20 +252,12 @@ def guests() -> Iterator[GuestLoop]:
 
 
 @pytest.fixture
-def short_root() -> Iterator[Path]:
-    """A short directory for the nodes' kubelet roots and the guests' socket links."""
-    root = Path(tempfile.mkdtemp(prefix="vh", dir="/tmp"))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def world(
-    control_plane: ControlPlane, namespace: str, short_root: Path, guests: GuestLoop
-) -> Iterator[World]:
-    w = World(control_plane, namespace, short_root, guests)
+def world(control_plane: ControlPlane, namespace: str, guests: GuestLoop) -> Iterator[World]:
+    kubelets = Kubelets()  # short: the guests bind their sockets through links under it
+    w = World(control_plane, namespace, kubelets, guests)
     yield w
     w.close()
+    kubelets.close()
 
 
 class Agents:
@@ -512,13 +273,12 @@ class Agents:
         self, node: str, config: dict[str, Any] | None = None, kubeconfig: Path | None = None
     ) -> AgentProcess:
         agent = AgentProcess(
-            node,
+            self._logs / f"{node}.log",
+            merged(AGENT_CONFIG, config or {}),
+            node_name=node,
             kubeconfig=kubeconfig or self._kubeconfig,
             kubelet_root=self._world.kubelet_root(node),
-            log_path=self._logs / f"{node}.log",
-            config=merged(AGENT_CONFIG, config or {}),
         )
-        self._world.kubelet_root(node).mkdir(parents=True, exist_ok=True)
         self.started[node] = agent.start()
         return agent
 
@@ -561,13 +321,7 @@ def challenged(at_least: int) -> Callable[[SimulatedGuest], bool]:
 
 
 def wait_state(world: World, name: str, state: str, node: str | None = None) -> dict[str, Any]:
-    def shown() -> dict[str, Any] | None:
-        value = world.heartbeat(name)
-        if value is None or value["state"] != state:
-            return None
-        return value if node is None or value["node"] == node else None
-
-    return eventually(shown, f"{name} annotated {state}")
+    return world.kubevirt.wait_heartbeat(name, state, node=node)
 
 
 # --- discovery and reporting ------------------------------------------------------------------

@@ -6,68 +6,22 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vmha_operator.devrun import OperatorProcess
 from vmha_testbed.controlplane import ControlPlane
+from vmha_testbed.kubectl import Kubectl
+from vmha_testbed.operatorproc import OperatorProcess
 
-SETTLE_TIMEOUT = 60.0
 HOSTNAME = "kubernetes.io/hostname"
 
 
-@pytest.fixture
-def operator(
-    control_plane: ControlPlane, namespace: str, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    log = tmp_path / "operator.log"
-    with OperatorProcess(control_plane.kubeconfig_path, namespaces=[namespace], log_path=log) as op:
-        yield op
-
-
-class Cluster:
+class Cluster(Kubectl):
     """kubectl in the test's namespace."""
-
-    def __init__(self, control_plane: ControlPlane, namespace: str) -> None:
-        self.control_plane = control_plane
-        self.namespace = namespace
-
-    def run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return self.control_plane.kubectl("-n", self.namespace, *args, input=stdin, check=False)
-
-    def ok(self, *args: str, stdin: str | None = None) -> str:
-        result = self.run(*args, stdin=stdin)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    def refused(self, *args: str, stdin: str | None = None) -> str:
-        result = self.run(*args, stdin=stdin)
-        assert result.returncode != 0, f"expected a refusal, got: {result.stdout}"
-        return result.stderr
 
     def apply(self, manifest: str) -> subprocess.CompletedProcess[str]:
         return self.run("apply", "-f", "-", stdin=manifest)
-
-    def get(self, kind: str, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self.ok("get", kind, name, "-o", "json"))
-        return result
-
-    def group(self, name: str, spec: str) -> None:
-        self.ok(
-            "apply",
-            "-f",
-            "-",
-            stdin=f"""
-apiVersion: vmha.io/v1alpha1
-kind: VMGroup
-metadata: {{name: {name}}}
-spec: {spec}
-""",
-        )
 
     def vm_manifest(self, name: str, group: str | None, template_spec: str = "") -> str:
         labels = f"labels: {{vmha.io/group: {group}}}" if group else "labels: {}"
@@ -92,13 +46,6 @@ spec:
 @pytest.fixture
 def cluster(control_plane: ControlPlane, namespace: str, operator: OperatorProcess) -> Cluster:
     return Cluster(control_plane, namespace)
-
-
-def eventually(check: Callable[[], bool], what: str, timeout: float = SETTLE_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.3)
 
 
 def template(vm: dict[str, Any]) -> dict[str, Any]:
@@ -386,7 +333,7 @@ def test_the_hook_configmap_is_created_and_owned(cluster: Cluster) -> None:
         owners = json.loads(result.stdout)["metadata"].get("ownerReferences", [])
         return sorted(o["name"] for o in owners) == ["db", "web"]
 
-    eventually(owned_by_both, "vmha-channel-hook owned by both groups")
+    cluster.eventually(owned_by_both, "vmha-channel-hook owned by both groups")
     configmap = cluster.get("configmap", "vmha-channel-hook")
     script = configmap["data"]["onDefineDomain"]
     assert script.startswith("#!/usr/bin/env python3")

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from vmha_operator.devrun import OperatorProcess
 from vmha_operator.rbac import operator_rules
 from vmha_operator.webhooks import webhook_configurations
 from vmha_testbed.controlplane import ControlPlane
+from vmha_testbed.operatorproc import OperatorProcess
 
 SETTLE_TIMEOUT = 60.0
 

@@ -6,42 +6,18 @@ way the agent writes it."""
 from __future__ import annotations
 
 import json
-import subprocess
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vmha_operator.devrun import OperatorProcess
 from vmha_testbed.controlplane import ControlPlane
+from vmha_testbed.kubectl import Kubectl
+from vmha_testbed.operatorproc import OperatorProcess
 
-SETTLE_TIMEOUT = 60.0
 
-
-class Cluster:
+class Cluster(Kubectl):
     """kubectl in the test's namespace, and virt-controller's part."""
-
-    def __init__(self, control_plane: ControlPlane, namespace: str) -> None:
-        self.control_plane = control_plane
-        self.namespace = namespace
-
-    def run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return self.control_plane.kubectl("-n", self.namespace, *args, input=stdin, check=False)
-
-    def ok(self, *args: str, stdin: str | None = None) -> str:
-        result = self.run(*args, stdin=stdin)
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    def get(self, kind: str, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self.ok("get", kind, name, "-o", "json"))
-        return result
-
-    def group(self, name: str, spec: str) -> None:
-        manifest = f"apiVersion: vmha.io/v1alpha1\nkind: VMGroup\nmetadata: {{name: {name}}}\n"
-        self.ok("apply", "-f", "-", stdin=manifest + f"spec: {spec}\n")
 
     def vm(self, name: str, group: str | None) -> None:
         labels = f"{{vmha.io/group: {group}}}" if group else "{}"
@@ -118,16 +94,6 @@ def members(status: dict[str, Any]) -> list[tuple[Any, ...]]:
     ]
 
 
-def eventually(check: Callable[[], Any], what: str, timeout: float = SETTLE_TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(0.3)
-
-
 def start_operator(control_plane: ControlPlane, namespace: str, log: Path) -> OperatorProcess:
     return OperatorProcess(control_plane.kubeconfig_path, namespaces=[namespace], log_path=log)
 
@@ -137,20 +103,12 @@ def cluster(control_plane: ControlPlane, namespace: str) -> Cluster:
     return Cluster(control_plane, namespace)
 
 
-@pytest.fixture
-def operator(
-    control_plane: ControlPlane, namespace: str, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    with start_operator(control_plane, namespace, tmp_path / "operator.log") as op:
-        yield op
-
-
 @pytest.mark.usefixtures("operator")
 def test_status_follows_the_members_vmis(cluster: Cluster) -> None:
     cluster.group("web", "{policy: anti-affinity}")
     cluster.vm("a", "web")
     cluster.vm("b", "web")
-    status = eventually(
+    status = cluster.eventually(
         lambda: cluster.status("web").get("memberCount") == 2 and cluster.status("web"),
         "two members",
     )
@@ -165,7 +123,7 @@ def test_status_follows_the_members_vmis(cluster: Cluster) -> None:
     cluster.set_vmi("a", "Running", "node-1", ready=True)
     cluster.set_vmi("b", "Running", "node-2", ready=True)
     cluster.heartbeat("a", "healthy")
-    status = eventually(
+    status = cluster.eventually(
         lambda: condition(s := cluster.status("web"), "Ready").get("status") == "True" and s,
         "group Ready",
     )
@@ -181,7 +139,7 @@ def test_status_follows_the_members_vmis(cluster: Cluster) -> None:
 
     # An unhealthy heartbeat makes the group not Ready.
     cluster.heartbeat("b", "unhealthy")
-    status = eventually(
+    status = cluster.eventually(
         lambda: (
             condition(s := cluster.status("web"), "Ready").get("reason") == "HeartbeatUnhealthy"
             and s
@@ -198,7 +156,7 @@ def test_a_violation_names_the_node_and_raises_an_event(cluster: Cluster) -> Non
         cluster.vm(name, "web")
         cluster.start_vmi(name)
         cluster.set_vmi(name, "Running", node, ready=True)
-    status = eventually(
+    status = cluster.eventually(
         lambda: (
             condition(s := cluster.status("web"), "PolicySatisfied").get("status") == "False" and s
         ),
@@ -210,18 +168,18 @@ def test_a_violation_names_the_node_and_raises_an_event(cluster: Cluster) -> Non
         "anti-affinity, best effort not satisfied: 2 members on node node-1 (a, b), "
         "at most 1 allowed"
     )
-    events = eventually(lambda: cluster.events("BestEffortViolation"), "violation Event")
+    events = cluster.eventually(lambda: cluster.events("BestEffortViolation"), "violation Event")
     assert events[0]["type"] == "Warning" and "node node-1" in events[0]["message"]
     described = cluster.ok("describe", "vmgroup", "web")
     assert "BestEffortViolation" in described and "MemberJoined" in described
 
     # virt-handler moves b: the policy holds again, and that is reported too.
     cluster.set_vmi("b", "Running", "node-2", ready=True)
-    eventually(
+    cluster.eventually(
         lambda: condition(cluster.status("web"), "PolicySatisfied").get("status") == "True",
         "policy satisfied again",
     )
-    eventually(lambda: cluster.events("PolicySatisfied"), "recovery Event")
+    cluster.eventually(lambda: cluster.events("PolicySatisfied"), "recovery Event")
 
 
 @pytest.mark.usefixtures("operator")
@@ -229,14 +187,14 @@ def test_members_joining_and_leaving(cluster: Cluster) -> None:
     cluster.group("web", "{policy: soft-affinity}")
     cluster.vm("a", "web")
     cluster.vm("b", "web")
-    eventually(lambda: len(cluster.events("MemberJoined")) == 2, "two MemberJoined Events")
+    cluster.eventually(lambda: len(cluster.events("MemberJoined")) == 2, "two MemberJoined Events")
     cluster.ok("label", "vm", "a", "vmha.io/group-")
     cluster.ok("delete", "vm", "b")
-    status = eventually(
+    status = cluster.eventually(
         lambda: (s := cluster.status("web")).get("memberCount") == 0 and s, "both left"
     )
     assert condition(status, "Ready")["reason"] == "NoMembers"
-    left = eventually(
+    left = cluster.eventually(
         lambda: len(cluster.events("MemberLeft")) == 2 and cluster.events("MemberLeft"),
         "MemberLeft Events",
     )
@@ -258,7 +216,7 @@ def test_operator_restart_loses_nothing(
         cluster.vm("b", "web")
         cluster.start_vmi("a")
         cluster.set_vmi("a", "Running", "node-1", ready=True)
-        eventually(lambda: cluster.status("web").get("readyMembers") == 1, "a ready")
+        cluster.eventually(lambda: cluster.status("web").get("readyMembers") == 1, "a ready")
     finally:
         first.stop()
 
@@ -273,7 +231,7 @@ def test_operator_restart_loses_nothing(
     assert joined_before == 2
 
     with start_operator(control_plane, namespace, tmp_path / "second.log"):
-        status = eventually(
+        status = cluster.eventually(
             lambda: (
                 (s := cluster.status("web")).get("memberCount") == 3
                 and condition(s, "PolicySatisfied").get("status") == "False"
@@ -288,11 +246,11 @@ def test_operator_restart_loses_nothing(
         ]
         assert "node node-1" in condition(status, "PolicySatisfied")["message"]
         # The late joiner gets its placement terms from the reconciliation.
-        eventually(
+        cluster.eventually(
             lambda: "affinity" in cluster.get("vm", "c")["spec"]["template"]["spec"],
             "c's template updated",
         )
-        eventually(lambda: cluster.events("PolicyViolated"), "violation Event")
+        cluster.eventually(lambda: cluster.events("PolicyViolated"), "violation Event")
         joined = [e["message"] for e in cluster.events("MemberJoined")]
         assert sorted(joined) == [
             "VirtualMachine a joined the group",
@@ -306,7 +264,7 @@ def test_operator_restart_loses_nothing(
     events_before = len(cluster.events())
     log = tmp_path / "third.log"
     with start_operator(control_plane, namespace, log):
-        eventually(
+        cluster.eventually(
             lambda: "Handler 'vmgroup-changed' succeeded" in log.read_text(),
             "the third operator handled the group",
         )

@@ -9,27 +9,11 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.unit.test_guest_daemon import (
-    WAIT_S,
-    Pty,
-    ScriptedHost,
-    make_config,
-    running,
-    short_tempdir,
-)
-from tests.unit.test_guest_messaging import (
-    Guest,
-    guest,
-    member,
-    messaging_config,
-    wait_for,
-)
 from vmha_guest.client import (
     Busy,
     DaemonNotRunning,
@@ -50,22 +34,21 @@ from vmha_protocol.server_group import (
     ServerGroupNack,
     StatusQuery,
 )
+from vmha_testbed.guesthost import (
+    WAIT_S,
+    Guest,
+    Pty,
+    ScriptedHost,
+    guest,
+    make_config,
+    member,
+    messaging_config,
+    running,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 CLI_WAIT_S = 30.0  # a Python process starting on a loaded machine
-
-
-@pytest.fixture
-def pty() -> Iterator[Pty]:
-    pair = Pty()
-    yield pair
-    pair.hang_up()
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    with short_tempdir() as path:
-        yield path
 
 
 class Cli:

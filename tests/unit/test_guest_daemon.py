@@ -5,26 +5,17 @@ socket pair through the `Port` interface. The CLI runs in a subprocess."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from pydantic import BaseModel
 
-from vmha_guest.config import GuestConfig, parse_config
-from vmha_guest.daemon import GuestDaemon
-from vmha_guest.heartbeat import HeartbeatTiming
 from vmha_guest.port import SerialPort
-from vmha_protocol import FrameDecoder, GuestMessage, Inbound, decode_from_guest, encode
 from vmha_protocol.heartbeat import (
     ActionNotify,
     ActionResponse,
@@ -36,186 +27,17 @@ from vmha_protocol.heartbeat import (
     InitAck,
     NotificationType,
 )
-
-pytestmark = pytest.mark.timeout(60)
-
-M = TypeVar("M", bound=BaseModel)
-WAIT_S = 15.0  # generous: the machine is shared and small
-FAST = HeartbeatTiming(
-    init_retry_first_s=0.3,
-    init_retry_max_s=0.6,
-    nack_reregister_delay_s=0.2,
-    unavailable_retry_s=1.5,
-    rejoin_min_s=1.0,
+from vmha_testbed.guesthost import (
+    WAIT_S,
+    Pty,
+    Running,
+    ScriptedHost,
+    guest_and_host,
+    make_config,
+    running,
 )
 
-
-class ScriptedHost:
-    """The host end of the port, played by the test: decodes what the guest sends,
-    sends what the test says."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        os.set_blocking(fd, False)
-        self._decoder = FrameDecoder()
-        self._inbox: asyncio.Queue[Inbound[GuestMessage] | None] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(fd, self._readable)
-        self.closed = False
-
-    def _readable(self) -> None:
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._loop.remove_reader(self.fd)
-            self._inbox.put_nowait(None)
-            return
-        for obj in self._decoder.feed(data):
-            self._inbox.put_nowait(decode_from_guest(obj))
-
-    async def receive(self, timeout: float = WAIT_S) -> Inbound[GuestMessage]:
-        async with asyncio.timeout(timeout):
-            inbound = await self._inbox.get()
-        assert inbound is not None, "the guest closed the port"
-        return inbound
-
-    async def expect(
-        self, kind: type[M], timeout: float = WAIT_S, skip: tuple[type, ...] = ()
-    ) -> M:
-        """The next message, which must be a `kind` (skipping messages of `skip` types)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                inbound = await self.receive()
-                if isinstance(inbound.message, skip):
-                    continue
-                assert isinstance(inbound.message, kind), f"expected {kind.__name__}, got {inbound}"
-                return inbound.message
-
-    async def expect_address(self, kind: type[M]) -> tuple[str, M]:
-        inbound = await self.receive()
-        assert isinstance(inbound.message, kind), inbound
-        return inbound.address, inbound.message
-
-    def send(self, message: BaseModel, address: str = "vmha.heartbeat") -> None:
-        os.write(self.fd, encode(address, message))
-
-    def send_raw(self, data: bytes) -> None:
-        os.write(self.fd, data)
-
-    async def register(self) -> Init:
-        init = await self.expect(Init)
-        self.send(InitAck(invocation_id=init.invocation_id))
-        return init
-
-    async def challenge(self, init: Init, value: int) -> ChallengeResponse:
-        self.send(Challenge(invocation_id=init.invocation_id, heartbeat_challenge=value))
-        return await self.expect(ChallengeResponse, skip=(Init,))
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(self.fd)
-            os.close(self.fd)
-
-
-class Pty:
-    """A pty pair: the daemon opens `path` (the slave); the host holds the master."""
-
-    def __init__(self) -> None:
-        self.master, self._slave = os.openpty()
-        self.path = os.ttyname(self._slave)
-
-    def hang_up(self) -> None:
-        """Close both test-held ends: the daemon's reads then fail (EIO)."""
-        for fd in (self._slave, self.master):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def make_config(**overrides: Any) -> GuestConfig:
-    raw: dict[str, Any] = {
-        "heartbeat": {
-            "name": "test-vm",
-            "interval_ms": 200,
-            "corrective_action": "reboot",
-            "vote_secs": 7,
-            "shutdown_notice_secs": 11,
-            "suspend_notice_secs": 12,
-            "resume_notice_secs": 13,
-            "restart_secs": 140,
-        },
-        "reconnect_max_ms": 500,
-        # Tests that use the socket give it a path of their own (never /run/vmha).
-        "local_api": {"enabled": False},
-    }
-    raw.update(overrides)
-    return parse_config(raw)
-
-
-class Running:
-    def __init__(self, daemon: GuestDaemon, task: asyncio.Task[None], stop: asyncio.Event):
-        self.daemon = daemon
-        self.task = task
-        self.stop = stop
-
-    async def shutdown(self) -> None:
-        self.stop.set()
-        async with asyncio.timeout(WAIT_S):
-            await self.task
-
-
-@contextlib.asynccontextmanager
-async def running(config: GuestConfig, port: Any) -> AsyncIterator[Running]:
-    daemon = GuestDaemon(config, port, heartbeat_timing=FAST)
-    stop = asyncio.Event()
-    task = asyncio.create_task(daemon.run(stop))
-    run = Running(daemon, task, stop)
-    try:
-        yield run
-    finally:
-        if not task.done():
-            await run.shutdown()
-
-
-@contextlib.contextmanager
-def short_tempdir() -> Iterator[Path]:
-    """A short directory for unix sockets (a socket path holds at most 107 bytes; pytest's
-    tmp_path can be longer)."""
-    path = Path(tempfile.mkdtemp(prefix="vg-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    with short_tempdir() as path:
-        yield path
-
-
-@pytest.fixture
-def pty() -> Iterator[Pty]:
-    pair = Pty()
-    yield pair
-    pair.hang_up()
-
-
-@contextlib.asynccontextmanager
-async def guest_and_host(
-    pty: Pty, config: GuestConfig | None = None
-) -> AsyncIterator[tuple[Running, ScriptedHost]]:
-    host = ScriptedHost(os.dup(pty.master))
-    try:
-        async with running(config or make_config(), SerialPort(pty.path)) as run:
-            yield run, host
-    finally:
-        host.close()
+pytestmark = pytest.mark.timeout(60)
 
 
 async def test_registers_with_the_configured_values(pty: Pty) -> None:

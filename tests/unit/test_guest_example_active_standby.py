@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.unit.test_guest_daemon import WAIT_S, Pty, short_tempdir
-from tests.unit.test_guest_messaging import guest
 from vmha_protocol.server_group import (
     GuestBroadcast,
     HostBroadcast,
@@ -24,6 +21,7 @@ from vmha_protocol.server_group import (
     StatusResponse,
     StatusResponseDone,
 )
+from vmha_testbed.guesthost import WAIT_S, Pty, guest
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "guest" / "examples" / "active_standby.py"
 
@@ -240,19 +238,6 @@ class AutoHost:
 
     def stop(self) -> None:
         self._task.cancel()
-
-
-@pytest.fixture
-def pty() -> Iterator[Pty]:
-    pair = Pty()
-    yield pair
-    pair.hang_up()
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    with short_tempdir() as path:
-        yield path
 
 
 @pytest.mark.timeout(120)

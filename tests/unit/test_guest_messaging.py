@@ -5,25 +5,12 @@ real local socket with the client library."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import socket
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.unit.test_guest_daemon import (
-    WAIT_S,
-    Pty,
-    Running,
-    ScriptedHost,
-    make_config,
-    running,
-    short_tempdir,
-)
 from vmha_guest.client import (
     BroadcastEvent,
     GuestClient,
@@ -38,113 +25,31 @@ from vmha_guest.client import (
     Refused,
     Topic,
 )
-from vmha_guest.config import GuestConfig
 from vmha_guest.port import SerialPort
 from vmha_guest.server_group import MessagingState
 from vmha_protocol import encode
 from vmha_protocol.server_group import (
     GuestBroadcast,
     HostBroadcast,
-    MemberState,
     Notification,
     ServerGroupNack,
     StatusQuery,
     StatusResponse,
     StatusResponseDone,
 )
+from vmha_testbed.guesthost import (
+    SG,
+    WAIT_S,
+    Pty,
+    guest,
+    make_config,
+    member,
+    messaging_config,
+    running,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def pty() -> Iterator[Pty]:
-    pair = Pty()
-    yield pair
-    pair.hang_up()
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    with short_tempdir() as path:
-        yield path
-
-
-SG = "vmha.server_group"
-
-
-def member(name: str, state: str = "active", **extra: Any) -> MemberState:
-    return MemberState(
-        instance_id=f"uid-{name}", display_name=name, hostname=name, state=state, **extra
-    )
-
-
-def messaging_config(sock: Path, **server_group: Any) -> GuestConfig:
-    return make_config(
-        heartbeat={"enabled": False},
-        local_api={"socket": str(sock)},
-        server_group={"nack_window_ms": 300, **server_group},
-    )
-
-
-class Guest:
-    """The daemon, its scripted host and the path of its socket."""
-
-    def __init__(self, run: Running, host: ScriptedHost, sock: Path) -> None:
-        self.run = run
-        self.host = host
-        self.sock = sock
-
-    def client(self, **kwargs: Any) -> GuestClient:
-        return GuestClient(self.sock, **kwargs)
-
-    def send(self, message: Any) -> None:
-        self.host.send(message, address=SG)
-
-    async def push(self, messages: list[Any]) -> None:
-        """Send more than the pty buffers at once, waiting while it is full."""
-        data = memoryview(b"".join(encode(SG, message) for message in messages))
-        while data:
-            try:
-                data = data[os.write(self.host.fd, data) :]
-            except BlockingIOError:
-                await asyncio.sleep(0.005)
-
-    async def answer_status(self, members: list[MemberState]) -> StatusQuery:
-        query = await self.host.expect(StatusQuery)
-        for each in members:
-            self.send(StatusResponse(seq=query.seq, data=each))
-        self.send(StatusResponseDone(seq=query.seq))
-        return query
-
-    async def enable(self) -> None:
-        """Make the daemon see messaging on (a status query answered)."""
-        async with self.client() as client:
-            asking = asyncio.create_task(client.status())
-            await self.answer_status([member("self")])
-            await asking
-
-
-async def wait_for(condition: Any, what: str) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def guest(
-    pty: Pty, socket_dir: Path, config: GuestConfig | None = None
-) -> AsyncIterator[Guest]:
-    sock = socket_dir / "guest.sock"
-    host = ScriptedHost(os.dup(pty.master))
-    try:
-        async with running(config or messaging_config(sock), SerialPort(pty.path)) as run:
-            server_group = run.daemon.server_group
-            await wait_for(sock.exists, "the socket")
-            if server_group is not None:
-                await wait_for(lambda: server_group.connected, "the connection to the host")
-            yield Guest(run, host, sock)
-    finally:
-        host.close()
 
 
 # -- status ------------------------------------------------------------------------------

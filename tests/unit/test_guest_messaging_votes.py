@@ -6,20 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.unit.test_guest_daemon import (
-    WAIT_S,
-    Pty,
-    ScriptedHost,
-    make_config,
-    running,
-    short_tempdir,
-)
 from vmha_guest.client import (
     ACCEPT,
     GuestClient,
@@ -31,24 +22,18 @@ from vmha_guest.client import (
     reject,
 )
 from vmha_guest.heartbeat import Vote
-from vmha_guest.port import SerialPort
 from vmha_guest.votes import Answer, answer_window_ms, tally
 from vmha_protocol.heartbeat import ActionNotify, ActionResponse, Init, NotificationType
+from vmha_testbed.guesthost import (
+    WAIT_S,
+    Pty,
+    ScriptedHost,
+    guest_and_host,
+    make_config,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def pty() -> Iterator[Pty]:
-    pair = Pty()
-    yield pair
-    pair.hang_up()
-
-
-@pytest.fixture
-def socket_dir() -> Iterator[Path]:
-    with short_tempdir() as path:
-        yield path
 
 
 @contextlib.asynccontextmanager
@@ -57,16 +42,10 @@ async def registered_guest(
 ) -> AsyncIterator[tuple[ScriptedHost, Init, Path]]:
     sock = socket_dir / "guest.sock"
     config = make_config(local_api={"socket": str(sock)})
-    host = ScriptedHost(os.dup(pty.master))
-    try:
-        async with running(config, SerialPort(pty.path)):
-            init = await host.register()
-            async with asyncio.timeout(WAIT_S):
-                while not sock.exists():
-                    await asyncio.sleep(0.02)
-            yield host, init, sock
-    finally:
-        host.close()
+    async with guest_and_host(pty, config) as (_, host):
+        init = await host.register()
+        await wait_for(sock.exists, "the socket")
+        yield host, init, sock
 
 
 def propose(

@@ -12,20 +12,12 @@ import pytest
 
 from vmha_node_agent.agent import NodeAgent
 from vmha_node_agent.config import AgentConfig, HeartbeatPolicy
-from vmha_node_agent.inventory import KUBERNETES, InventoryChange, VMAdded, VMRef
+from vmha_node_agent.inventory import KUBERNETES, VMAdded, VMRef
 from vmha_protocol.heartbeat import ActionNotify, ActionResponse
 from vmha_testbed.simguest import SimulatedGuest, acked
+from vmha_testbed.vmsource import QueueSource
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class QueueSource:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[InventoryChange] = asyncio.Queue()
-
-    async def changes(self) -> AsyncIterator[InventoryChange]:
-        while True:
-            yield await self.queue.get()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 
 from vmha_node_agent.agent import NodeAgent
 from vmha_node_agent.config import AgentConfig
-from vmha_node_agent.inventory import InventoryChange, VMAdded, VMRef
+from vmha_node_agent.inventory import VMAdded, VMRef
 from vmha_node_agent.members import GroupDirectory
 from vmha_node_agent.messenger import GroupMessenger
 from vmha_node_agent.metrics import AgentMetrics
@@ -27,6 +27,7 @@ from vmha_protocol.limits import MAX_BROADCAST_BYTES
 from vmha_protocol.nack import NackReason, nack_reason
 from vmha_protocol.server_group import HostBroadcast, Notification, StatusResponseDone
 from vmha_testbed.simguest import SimulatedGuest, acked
+from vmha_testbed.vmsource import QueueSource
 
 pytestmark = pytest.mark.timeout(60)
 NODE = "node-a"
@@ -51,15 +52,6 @@ def vmi(
         },
         "status": status,
     }
-
-
-class QueueSource:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[InventoryChange] = asyncio.Queue()
-
-    async def changes(self) -> AsyncIterator[InventoryChange]:
-        while True:
-            yield await self.queue.get()
 
 
 class Node:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from vmha_node_agent.peerapi import ForwardedBroadcast, SourceRef
 from vmha_node_agent.peerclient import PeerSender
 from vmha_node_agent.tls import RotatingContexts
 from vmha_node_agent.tokens import TokenFile
+from vmha_testbed.loopback import free_port
 from vmha_testbed.pki import CertificateAuthority
 
 pytestmark = pytest.mark.timeout(60)
@@ -171,12 +171,6 @@ async def eventually(condition: Any, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_copies_go_in_order_in_batches_with_certificate_and_token(

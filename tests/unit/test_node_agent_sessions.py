@@ -13,27 +13,18 @@ import pytest
 from vmha_node_agent.agent import NodeAgent
 from vmha_node_agent.config import AgentConfig
 from vmha_node_agent.heartbeat import HeartbeatState
-from vmha_node_agent.inventory import InventoryChange, VMAdded, VMRef, VMRemoved
+from vmha_node_agent.inventory import VMAdded, VMRef, VMRemoved
 from vmha_protocol import encode_frame
 from vmha_protocol.heartbeat import Challenge, HeartbeatNack, InitAck
 from vmha_protocol.limits import MAX_FRAME_BYTES
 from vmha_protocol.nack import NackReason, nack_reason
 from vmha_protocol.server_group import ServerGroupNack
+from vmha_testbed.promtext import metric_value
 from vmha_testbed.simguest import Behaviour, SimulatedGuest, acked
+from vmha_testbed.vmsource import QueueSource
 
 pytestmark = pytest.mark.timeout(60)
 INTERVAL_MS = 100
-
-
-class QueueSource:
-    """A VM source the test drives by hand."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[InventoryChange] = asyncio.Queue()
-
-    async def changes(self) -> AsyncIterator[InventoryChange]:
-        while True:
-            yield await self.queue.get()
 
 
 def agent_config(**overrides: object) -> AgentConfig:
@@ -106,15 +97,6 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
     await h.start()
     yield h
     await h.stop()
-
-
-def metric_value(text: str, name: str, **labels: str) -> float | None:
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return None
 
 
 async def test_guests_register_and_are_challenged_every_interval(harness: Harness) -> None:

@@ -20,6 +20,13 @@ from vmha_node_agent.reporting import TransitionSink
 from vmha_node_agent.session import VMSession
 
 
+def agent_command() -> list[str]:
+    """How to run `vmha-node-agent` from this installation: the script next to this
+    interpreter, else `python -m vmha_node_agent`."""
+    script = Path(sys.executable).parent / "vmha-node-agent"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vmha_node_agent"]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="vmha-node-agent",

@@ -174,7 +174,7 @@ class Watcher:
         if self._stop.is_set():
             _interrupt(response)
         try:
-            for event in _events(response):
+            for event in watch_events(response):
                 resource_version = self._handle(event, resource_version)
         except (urllib3.exceptions.HTTPError, OSError) as error:
             if not self._stop.is_set():
@@ -207,7 +207,7 @@ class Watcher:
             self._stop.set()
 
 
-def _events(response: urllib3.BaseHTTPResponse) -> Iterator[dict[str, Any]]:
+def watch_events(response: urllib3.BaseHTTPResponse) -> Iterator[dict[str, Any]]:
     """The JSON objects of a watch stream, one per line, however the chunks fall."""
     pending = b""
     for chunk in response.stream(64 * 1024):

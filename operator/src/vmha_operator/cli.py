@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,6 +168,13 @@ def with_development_certificates(config: OperatorConfig, directory: Path) -> Op
         ca_file=str(files.ca_file),
     )
     return dataclasses.replace(config, webhook=webhook)
+
+
+def operator_command() -> list[str]:
+    """How to run `vmha-operator` from this installation: the script next to this
+    interpreter, else `python -m vmha_operator`."""
+    script = Path(sys.executable).parent / "vmha-operator"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vmha_operator"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

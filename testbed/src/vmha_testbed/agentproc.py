@@ -1,107 +1,143 @@
-"""A node agent as a real process, for end-to-end tests, the demo and benchmarks.
+"""`vmha-node-agent` as a child process, for the integration and end-to-end tests, the demo
+and the benchmarks.
 
-`NodeAgentProcess` writes the agent's YAML configuration, starts `python -m vmha_node_agent`
-(structured JSON logs to a file), and reads back what the agent exposes: its Prometheus
-metrics and its log records.
+    with AgentProcess(workdir / "node-a.log", config, node_name="node-a",
+                      kubeconfig=kubeconfig, kubelet_root=kubelet_root) as agent:
+        agent.metric("vmha_vms")
+
+The agent reads `config` (its YAML configuration as a dict, see docs/node-agent.md) from a
+file next to its log, logs JSON records to the log, and serves /metrics on a free loopback
+port: a new one at each start, as a new pod has a new address. `start` returns once it
+answers /readyz (with Kubernetes: once its watches have listed). Without `kubeconfig` it
+runs on the static VM list of its configuration.
+
+The calls block; code on an event loop makes them through `asyncio.to_thread`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import sys
-import time
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-import aiohttp
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from vmha_testbed import children
+from vmha_node_agent.cli import agent_command
+from vmha_testbed.children import Child, Runner
+from vmha_testbed.loopback import HttpProbe, free_port, http_get
+from vmha_testbed.polling import eventually
+from vmha_testbed.promtext import Sample, parse_samples, sample_value
 
-Sample = tuple[str, frozenset[tuple[str, str]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
 
 
-class NodeAgentProcess:
+class AgentProcess(Runner):
     def __init__(
-        self, config: Mapping[str, Any], workdir: Path, *, args: tuple[str, ...] = ()
+        self,
+        log_path: Path,
+        config: Mapping[str, Any] | None = None,
+        *,
+        node_name: str | None = None,
+        kubeconfig: Path | None = None,
+        kubelet_root: Path | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
-        self.metrics_port = free_port()
-        self.config = {**config, "metrics": {"address": "127.0.0.1", "port": self.metrics_port}}
-        self.workdir = workdir
-        self.args = args
-        self.config_path = workdir / "agent.yaml"
-        self.log_path = workdir / "agent.log"
-        self._process: Any = None
+        self.config = dict(config or {})
+        self.node_name = node_name
+        self.kubeconfig = kubeconfig
+        self.kubelet_root = kubelet_root
+        self.extra_args = tuple(extra_args)
+        self.port = 0
+        self._child = Child("vmha-node-agent", log_path)
+
+    @property
+    def log_path(self) -> Path:
+        return self._child.log_path
+
+    @property
+    def config_path(self) -> Path:
+        return self.log_path.with_suffix(".yaml")
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}"
+        """Where its /metrics, /healthz and /readyz are."""
+        return f"http://127.0.0.1:{self.port}"
 
     @property
-    def pid(self) -> int:
-        return int(self._process.pid)
+    def running(self) -> bool:
+        return self._child.running
 
-    async def start(self, timeout: float = 30.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(self.config))
-        argv = [
-            sys.executable, "-m", "vmha_node_agent", "--config", str(self.config_path),
-            "--log-format", "json", *self.args,
-        ]  # fmt: skip
-        with self.log_path.open("ab") as log:
-            self._process = children.spawn(argv, output=log)
-        await self._wait_healthy(timeout)
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid
 
-    async def stop(self, timeout: float = 15.0) -> int:
-        if self._process is None:
-            return 0
-        await asyncio.to_thread(children.stop, self._process, timeout)
-        return int(self._process.returncode)
+    # -- lifecycle --
 
-    async def samples(self) -> list[Sample]:
-        async with aiohttp.ClientSession() as http, http.get(f"{self.url}/metrics") as response:
-            text = await response.text()
+    def argv(self) -> list[str]:
+        given = {
+            "--node-name": self.node_name,
+            "--kubeconfig": self.kubeconfig,
+            "--kubelet-root": self.kubelet_root,
+        }
         return [
-            (sample.name, frozenset(sample.labels.items()), sample.value)
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
+            *agent_command(),
+            f"--config={self.config_path}",
+            *(f"{flag}={value}" for flag, value in given.items() if value is not None),
+            "--log-format=json",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.port}",
+            *self.extra_args,
         ]
 
-    async def value(self, name: str, **labels: str) -> float | None:
-        """One sample's value; None when the series does not exist."""
-        wanted = set(labels.items())
-        for sample_name, sample_labels, value in await self.samples():
-            if sample_name == name and wanted <= sample_labels:
-                return value
+    def start(self, timeout: float = START_TIMEOUT) -> Self:
+        self.port = free_port()
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self._child.start(self.argv(), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            self._child.wait_until(HttpProbe(f"{self.url}/readyz"), "ready (/readyz)", timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM (the agent drains its queues), SIGKILL after `timeout`; the exit status."""
+        return self._child.stop(timeout)
+
+    def restart(self, timeout: float = START_TIMEOUT) -> Self:
+        self.stop()
+        return self.start(timeout)
+
+    # -- what it exposes --
+
+    def samples(self) -> list[Sample]:
+        status, text = http_get(f"{self.url}/metrics")
+        if status != 200:
+            raise RuntimeError(f"/metrics answered {status}")
+        return parse_samples(text)
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The value of one sample (the first whose labels include `labels`), if present."""
+        return sample_value(self.samples(), name, **labels)
+
+    def state(self, vm: str, namespace: str = "default") -> str | None:
+        """The VM's heartbeat state, None when the agent has no session for it."""
+        for name, labels, value in self.samples():
+            if name != "vmha_heartbeat_state" or value != 1:
+                continue
+            if (labels["vm"], labels["namespace"]) == (vm, namespace):
+                return labels["state"]
         return None
 
-    async def state(self, vm: str, namespace: str = "default") -> str | None:
-        for name, labels, value in await self.samples():
-            if name == "vmha_heartbeat_state" and value == 1:
-                found = dict(labels)
-                if found["vm"] == vm and found["namespace"] == namespace:
-                    return found["state"]
-        return None
+    def wait_state(self, vm: str, state: str, timeout: float, namespace: str = "default") -> None:
+        eventually(lambda: self.state(vm, namespace) == state, f"{vm} {state}", timeout)
 
-    async def wait_state(
-        self, vm: str, state: str, timeout: float, namespace: str = "default"
-    ) -> float:
-        """Wait until the VM is in `state`; return how long that took."""
-        start = time.monotonic()
-        async with asyncio.timeout(timeout):
-            while await self.state(vm, namespace) != state:
-                await asyncio.sleep(0.1)
-        return time.monotonic() - start
+    def log_tail(self, lines: int = 40) -> str:
+        return self._child.log_tail(lines)
 
     def log_records(self) -> list[dict[str, Any]]:
         records = []
@@ -113,22 +149,5 @@ class NodeAgentProcess:
         return records
 
     def transitions(self, vm: str) -> list[dict[str, Any]]:
+        """The log records of the VM's heartbeat state changes."""
         return [r for r in self.log_records() if r.get("vm") == vm and "reason" in r]
-
-    async def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                if self._process.poll() is not None:
-                    raise RuntimeError(
-                        f"node agent exited with {self._process.returncode}: "
-                        + self.log_path.read_text(errors="replace")[-2000:]
-                    )
-                try:
-                    async with http.get(f"{self.url}/healthz") as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise TimeoutError(f"node agent not healthy after {timeout} s")

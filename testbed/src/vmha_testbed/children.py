@@ -6,10 +6,16 @@ or the demo, which then stops its children in order. If the parent dies without 
 even by SIGKILL — the kernel kills the child (PR_SET_PDEATHSIG). That signal fires when the
 *thread* that forked the child ends, so every child is forked from one spawner thread that
 lives as long as the process, whichever thread or executor asks for it.
+
+`Child` is one such child with its output in a log file: the runners of etcd,
+kube-apiserver, Prometheus, the node agent and the operator are built on it, and wait for
+their child to be ready with `Child.wait_until`. Each runner is a `Runner`: `start()` and
+`stop()`, or a `with` block.
 """
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import contextlib
 import ctypes
@@ -17,8 +23,10 @@ import functools
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
-from typing import IO
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Self
 
 _PR_SET_PDEATHSIG = 1
 # Loaded up front: the child of fork() must not dlopen (another thread may hold its lock).
@@ -99,3 +107,82 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(126)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+class ChildError(RuntimeError):
+    """A child exited, or a condition did not come true in time, while waiting for it. The
+    message ends with the last lines of the child's log; `reason` is the message without."""
+
+    def __init__(self, reason: str, log_tail: str) -> None:
+        super().__init__(f"{reason}; the end of its log:\n{log_tail}")
+        self.reason = reason
+
+
+class Child:
+    """A child process (see `spawn`) named `name` whose output is appended to `log_path`."""
+
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The latest process's id (also after it ended); None before the first start."""
+        return self.process.pid if self.process is not None else None
+
+    def start(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> None:
+        if self.running:
+            raise RuntimeError(f"{self.name} is already running")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = spawn(argv, output=log, env=env)
+
+    def wait_until(
+        self, condition: Callable[[], bool], what: str, timeout: float, *, poll: float = 0.2
+    ) -> None:
+        """Call `condition()` until it is true while the child runs. ChildError if the child
+        exits first or `timeout` seconds pass (`what` names the condition)."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if not self.running:
+                status = self.process.returncode if self.process is not None else None
+                raise ChildError(f"{self.name} exited with status {status}", self.log_tail())
+            if time.monotonic() > deadline:
+                raise ChildError(f"{self.name}: {what} not within {timeout:.0f} s", self.log_tail())
+            time.sleep(poll)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """`stop` the process (a no-op once it ended); its exit status, None if never started."""
+        if self.process is None:
+            return None
+        stop(self.process, timeout)
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Runner(abc.ABC):
+    """Runs children: `start()` returns it once they are ready, `stop()` ends them; a `with`
+    block does both."""
+
+    @abc.abstractmethod
+    def start(self) -> Self: ...
+
+    @abc.abstractmethod
+    def stop(self) -> object: ...
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -2,15 +2,16 @@
 the processes it would run — for the integration and end-to-end tests, the demo and the
 messaging benchmark.
 
-- `agent_credentials(control_plane)`: the agents' and the operator's ServiceAccounts with
-  exactly `vmha_node_agent.rbac`'s and `vmha_operator.rbac`'s rules; the agents' CA with a
+- `service_accounts(control_plane)`: the agents' and the operator's ServiceAccounts with
+  exactly `vmha_node_agent.rbac`'s and `vmha_operator.rbac`'s rules.
+- `agent_credentials(control_plane)`: those ServiceAccounts; the agents' CA with a
   serving certificate and client certificates for agents and operator (and one from another
   CA, for tests of refusals); one agent Pod per node with a token bound to it (TokenRequest
   with `boundObjectRef`, so that the apiserver puts the node into it), and the operator's
   token, both with the agents' audience; kubeconfigs with real tokens for both accounts.
-- `LocalCluster`: the operator (`vmha_operator.devrun`: webhooks, votes through the agents)
-  and one node agent per node (`vmha_node_agent.devrun`: each with its kubelet root, its
-  Lease, mutual TLS and its pod-bound token), KubeVirt played by `kubevirt`.
+- `LocalCluster`: the operator (`operatorproc`: webhooks, votes through the agents) and one
+  node agent per node (`agentproc`: each with its kubelet root, its Lease, mutual TLS and
+  its pod-bound token), KubeVirt played by `kubevirt`.
 - `local_cluster(...)`: all of it in a fresh namespace, for a `with` block.
 
 Agents find each other through their Leases in the agents' namespace; the operator finds
@@ -32,16 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmha_node_agent.devrun import AgentProcess
 from vmha_node_agent.kubeapi import LEASES, PODS, KubeApi, KubeError, Resource
 from vmha_node_agent.leases import lease_name
 from vmha_node_agent.metrics import AgentMetrics
 from vmha_node_agent.ratelimit import TokenBucket
 from vmha_node_agent.rbac import node_agent_namespace_rules, node_agent_rules
-from vmha_operator.devrun import OperatorProcess
 from vmha_operator.rbac import operator_agent_namespace_rules, operator_rules
+from vmha_testbed.agentproc import AgentProcess
 from vmha_testbed.controlplane import ControlPlane
 from vmha_testbed.kubevirt import Kubelets, KubeVirt
+from vmha_testbed.operatorproc import OperatorProcess
 from vmha_testbed.pki import CertificateAuthority
 from vmha_testbed.polling import eventually
 
@@ -209,15 +210,14 @@ def _agent_pod(api: KubeApi, namespace: str, node: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def agent_credentials(
+def service_accounts(
     control_plane: ControlPlane,
     *,
     namespace: str = AGENTS_NAMESPACE,
-    nodes: Sequence[str] = NODES,
     rbac_prefix: str = "vmha-local",
-    token_lifetime_s: int = TOKEN_LIFETIME_S,
-) -> Iterator[Credentials]:
-    """Make the credentials; afterwards remove the agent Pods, Leases and cluster roles.
+) -> Iterator[None]:
+    """The agents' and the operator's ServiceAccounts in `namespace`, bound to their roles
+    (named after `rbac_prefix`); afterwards the cluster roles are removed.
 
     The namespace itself stays (without a namespace controller a deleted namespace would
     stay Terminating and refuse the next user's objects)."""
@@ -226,6 +226,37 @@ def agent_credentials(
     manifest = json.dumps({"apiVersion": "v1", "kind": "List",
                            "items": _rbac_objects(namespace, rbac_prefix)})  # fmt: skip
     control_plane.kubectl("apply", "-f", "-", input=manifest)
+    try:
+        yield
+    finally:
+        for suffix in ("agent", "operator"):
+            control_plane.kubectl("delete", "clusterrole,clusterrolebinding",
+                                  f"{rbac_prefix}-{suffix}", "--ignore-not-found",
+                                  check=False)  # fmt: skip
+
+
+@contextlib.contextmanager
+def agent_credentials(
+    control_plane: ControlPlane,
+    *,
+    namespace: str = AGENTS_NAMESPACE,
+    nodes: Sequence[str] = NODES,
+    rbac_prefix: str = "vmha-local",
+    token_lifetime_s: int = TOKEN_LIFETIME_S,
+) -> Iterator[Credentials]:
+    """Make the credentials (with `service_accounts`); afterwards remove the agent Pods,
+    Leases and cluster roles."""
+    with (
+        service_accounts(control_plane, namespace=namespace, rbac_prefix=rbac_prefix),
+        _credentials(control_plane, namespace, nodes, token_lifetime_s) as credentials,
+    ):
+        yield credentials
+
+
+@contextlib.contextmanager
+def _credentials(
+    control_plane: ControlPlane, namespace: str, nodes: Sequence[str], token_lifetime_s: int
+) -> Iterator[Credentials]:
     directory = Path(tempfile.mkdtemp(prefix="vmha-creds-"))
     api = admin_api(control_plane)
     try:
@@ -275,10 +306,6 @@ def agent_credentials(
                         path = resource.path(namespace, item["metadata"]["name"])
                         api.call("delete", resource, path)
         api.close()
-        for suffix in ("agent", "operator"):
-            control_plane.kubectl("delete", "clusterrole,clusterrolebinding",
-                                  f"{rbac_prefix}-{suffix}", "--ignore-not-found",
-                                  check=False)  # fmt: skip
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -314,15 +341,15 @@ def post_to_agent(
 # --- the cluster ----------------------------------------------------------------------------
 
 
-def _merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` with `override` merged into it, section by section."""
-    merged = dict(base)
+def merged(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `override` merged into it, section by section (agent configurations)."""
+    result = dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merged(merged[key], value)
+        if isinstance(value, Mapping) and isinstance(result.get(key), Mapping):
+            result[key] = merged(result[key], value)
         else:
-            merged[key] = value
-    return merged
+            result[key] = value
+    return result
 
 
 class LocalCluster:
@@ -357,13 +384,13 @@ class LocalCluster:
     def agent_process(self, node: str) -> AgentProcess:
         """`node`'s agent, not started: its configuration, kubelet root and log."""
         # The credentials' part of `messaging`, then this cluster's settings over it.
-        config = _merged({"messaging": self.credentials.agent_messaging(node)}, self.agent_config)
+        config = merged({"messaging": self.credentials.agent_messaging(node)}, self.agent_config)
         return AgentProcess(
-            node,
+            self.workdir / f"agent-{node}.log",
+            config,
+            node_name=node,
             kubeconfig=self.credentials.agent_kubeconfig,
             kubelet_root=self.kubevirt.kubelets.root_of(node),
-            log_path=self.workdir / f"agent-{node}.log",
-            config=config,
         )
 
     def start_agent(self, node: str) -> AgentProcess:

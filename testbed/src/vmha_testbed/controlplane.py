@@ -23,25 +23,21 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, NoReturn, Self, TypeVar, cast
 
 import yaml
 from kubernetes import client as k8s
 from kubernetes.client import ApiException
 
-from vmha_testbed import children
+from vmha_testbed.children import Child, ChildError, Runner
+from vmha_testbed.loopback import HttpProbe, free_ports
 from vmha_testbed.pki import CertificateAuthority, IssuedCertificate, SigningKey
 from vmha_testbed.toolchain import REPO_ROOT, Toolchain, ensure_toolchain
 
@@ -93,32 +89,11 @@ class _PortInUse(ControlPlaneError):
     """A port picked as free was taken before a server bound it; worth another attempt."""
 
 
-@dataclass
-class _Server:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        children.stop(self.process, timeout)
-
-
-def _spawn(name: str, argv: Sequence[str], log_path: Path) -> _Server:
-    with log_path.open("ab") as log_file:
-        process = children.spawn(argv, output=log_file)
-    log.debug("started %s (pid %d), log %s", name, process.pid, log_path)
-    return _Server(name, process, log_path)
+def _spawn(name: str, argv: Sequence[str], log_path: Path) -> Child:
+    server = Child(name, log_path)
+    server.start(argv)
+    log.debug("started %s (pid %s), log %s", name, server.pid, log_path)
+    return server
 
 
 _running: set[ControlPlane] = set()
@@ -131,20 +106,6 @@ def _stop_all_at_exit() -> None:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _free_ports(count: int) -> list[int]:
-    """Distinct loopback ports free right now (a server must still bind them: see _PortInUse)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _default_workdir_parent() -> str | None:
@@ -228,7 +189,7 @@ def _yaml_files(directory: Path) -> list[Path]:
 # --- the control plane ------------------------------------------------------------------------
 
 
-class ControlPlane:
+class ControlPlane(Runner):
     """etcd + kube-apiserver on loopback, with CRDs installed. Use as a context manager."""
 
     def __init__(
@@ -250,7 +211,7 @@ class ControlPlane:
         self._startup_timeout = startup_timeout
         self._tools = tools
         self._workdir: Path | None = None
-        self._servers: list[_Server] = []
+        self._servers: list[Child] = []
         self._api: k8s.ApiClient | None = None
         self._ca: CertificateAuthority | None = None
         self._server_url = ""
@@ -287,21 +248,10 @@ class ControlPlane:
             api.close()
             self._api = None
         for server in reversed(self._servers):
-            server.stop()
+            server.stop(STOP_TIMEOUT)
         _running.discard(self)
         if self._workdir is not None and self._requested_workdir is None:
             shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- what callers use --
 
@@ -333,14 +283,14 @@ class ControlPlane:
         return self._require(self._ca)
 
     @property
-    def servers(self) -> tuple[_Server, ...]:
+    def servers(self) -> tuple[Child, ...]:
         """etcd and kube-apiserver, in start order."""
         return tuple(self._servers)
 
     @property
     def pids(self) -> list[int]:
         """Process ids of etcd and kube-apiserver, in start order."""
-        return [server.process.pid for server in self._servers]
+        return [server.pid for server in self._servers if server.pid is not None]
 
     def running(self) -> bool:
         return bool(self._servers) and all(server.running for server in self._servers)
@@ -513,14 +463,15 @@ class ControlPlane:
                 return
             except _PortInUse as error:
                 for server in reversed(self._servers):
-                    server.stop()
+                    server.stop(STOP_TIMEOUT)
                 self._servers.clear()
                 if attempt == PORT_START_ATTEMPTS:
                     raise
                 log.info("retrying with other ports: %s", error)
 
     def _start_servers_once(self) -> None:
-        etcd_port, etcd_peer_port, apiserver_port = _free_ports(3)
+        # A server may still find its port taken when it binds it: see _PortInUse.
+        etcd_port, etcd_peer_port, apiserver_port = free_ports(3)
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         self._timed("etcd", lambda: self._start_etcd(etcd_url, etcd_peer_port))
         self._server_url = f"https://127.0.0.1:{apiserver_port}"
@@ -591,30 +542,18 @@ class ControlPlane:
         context.load_cert_chain(self._admin_cert_path, self._admin_key_path)
         return context
 
-    def _wait_healthy(self, server: _Server, url: str, context: ssl.SSLContext | None) -> None:
-        deadline = time.monotonic() + self._startup_timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            if not server.running:
-                self._fail(f"{server.name} exited with status {server.process.returncode}")
-            try:
-                with urllib.request.urlopen(url, timeout=5, context=context) as response:
-                    if response.status == 200:
-                        return
-                    last = f"HTTP {response.status}"
-            except urllib.error.HTTPError as error:
-                last = f"HTTP {error.code}: {error.read(2000).decode(errors='replace')}"
-            except (urllib.error.URLError, OSError) as error:
-                last = str(error)
-            time.sleep(0.25)
-        self._fail(
-            f"{server.name} not healthy at {url} within {self._startup_timeout:.0f} s "
-            f"(last answer: {last})"
-        )
+    def _wait_healthy(self, server: Child, url: str, context: ssl.SSLContext | None) -> None:
+        healthy = HttpProbe(url, context=context)
+        try:
+            server.wait_until(healthy, f"healthy at {url}", self._startup_timeout, poll=0.25)
+        except ChildError as error:
+            last = "" if not server.running else f" (last answer: {healthy.last})"
+            self._fail(f"{error.reason}{last}")
 
     def _fail(self, reason: str) -> NoReturn:
         tails = "\n".join(
-            f"--- last lines of {server.name} ({server.log_path}) ---\n{server.log_tail()}"
+            f"--- last lines of {server.name} ({server.log_path}) ---\n"
+            f"{server.log_tail(LOG_TAIL_LINES)}"
             for server in self._servers
         )
         message = f"control plane did not start: {reason}\n{tails}"
@@ -724,9 +663,7 @@ def _print_usage(control_plane: ControlPlane, out: IO[str]) -> None:
     print(f"kubeconfig: {control_plane.kubeconfig_path}", file=out)
     print(f"kubectl:    {control_plane.tools.kubectl}", file=out)
     print(f"logs:       {control_plane.workdir}/*.log", file=out)
-    processes = ", ".join(
-        f"{server.name} (pid {server.process.pid})" for server in control_plane.servers
-    )
+    processes = ", ".join(f"{server.name} (pid {server.pid})" for server in control_plane.servers)
     print(f"processes:  {processes}", file=out)
     print(f"\nexport KUBECONFIG={control_plane.kubeconfig_path}", file=out)
     print("\nCtrl-C stops it.", file=out, flush=True)

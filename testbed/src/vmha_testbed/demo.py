@@ -35,14 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from vmha_node_agent.devrun import AgentProcess
+from vmha_testbed.agentproc import AgentProcess
 from vmha_testbed.cluster import FAST_AGENT_CONFIG, LocalCluster, local_cluster
 from vmha_testbed.controlplane import ControlPlane
 from vmha_testbed.guestapps import GuestWatch, run_cli
 from vmha_testbed.guestimage import GuestImage, build_guest_image
 from vmha_testbed.inspector import InspectorServer
+from vmha_testbed.promtext import Sample
 from vmha_testbed.qemu import GuestVM, GuestVMError, boot_guests
 from vmha_testbed.toolchain import ensure_toolchain, toolchain
 
@@ -144,7 +143,7 @@ def describe_received(item: Received) -> str:
 # --- the live view ------------------------------------------------------------------------
 
 
-def heartbeat_rows(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, dict[str, Any]]:
+def heartbeat_rows(samples: list[Sample]) -> dict[str, dict[str, Any]]:
     """Per VM, from its node's agent: state, challenges, healthy answers, misses, age."""
     seen: dict[str, dict[str, Any]] = {}
     for name, labels, value in samples:
@@ -163,18 +162,14 @@ def heartbeat_rows(samples: list[tuple[str, dict[str, str], float]]) -> dict[str
     return seen
 
 
-def agent_samples(agent: AgentProcess) -> list[tuple[str, dict[str, str], float]]:
+def agent_samples(agent: AgentProcess) -> list[Sample]:
+    """The agent's samples; none while it is down (the screen shows what there is)."""
     if not agent.running:
         return []
     try:
-        text = agent.metrics_text()
+        return agent.samples()
     except (OSError, RuntimeError):
         return []
-    return [
-        (sample.name, dict(sample.labels), sample.value)
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    ]
 
 
 @dataclass
@@ -394,10 +389,8 @@ async def start_guests(
         GROUP,
         heartbeat={"missedThreshold": MISSED_THRESHOLD, "correctiveAction": "log"},
     )
-    for name, node in PLACEMENT.items():
-        await asyncio.to_thread(kubevirt.create_vm, name, GROUP)  # admitted by the operator
-        await asyncio.to_thread(kubevirt.start_vmi, name, node)
-    members = list(kubevirt.members.values())
+    # The VMs are admitted by the operator.
+    members = await asyncio.to_thread(kubevirt.start_members, GROUP, PLACEMENT)
     return await with_progress(
         f"Booting {len(members)} QEMU guests under software emulation",
         asyncio.to_thread(
@@ -414,11 +407,7 @@ async def start_guests(
 async def start_watches(cluster: LocalCluster, guests: list[GuestVM]) -> dict[str, GuestWatch]:
     def registered() -> None:
         for guest in guests:
-            deadline = time.monotonic() + STEP_TIMEOUT
-            while (cluster.kubevirt.heartbeat(guest.name) or {}).get("state") != "healthy":
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{guest.name} did not register")
-                time.sleep(0.2)
+            cluster.kubevirt.wait_heartbeat(guest.name, "healthy", timeout=STEP_TIMEOUT)
 
     await with_progress("Guests registering with their node's agent", asyncio.to_thread(registered))
     watches = {guest.name: GuestWatch(guest) for guest in guests}

@@ -21,6 +21,7 @@ import itertools
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,15 @@ from vmha_node_agent.kubeapi import (
     KubeApi,
     KubeError,
 )
+from vmha_testbed.polling import eventually
 
 CHANNEL_PATH = "/var/run/kubevirt-private/vmha"
+PRIVATE_MOUNT, SOCKET_NAME = CHANNEL_PATH.rsplit("/", 1)
 LAUNCHER_IMAGE = "quay.io/kubevirt/virt-launcher:v1.5.0"
 HEARTBEAT_ANNOTATION = "vmha.io/heartbeat"
+# virt-controller's: a real VMI never lacks annotations (the agent's first write to a VMI
+# without any takes another request).
+OBSERVED_API_VERSION = {"kubevirt.io/latest-observed-api-version": "v1"}
 
 
 def ready_conditions(*, paused: bool = False) -> list[dict[str, str]]:
@@ -47,6 +53,40 @@ def ready_conditions(*, paused: bool = False) -> list[dict[str, str]]:
     if paused:
         conditions.append({"type": "Paused", "status": "True", "reason": "PausedByUser"})
     return conditions
+
+
+def private_dir(kubelet_root: Path, pod_uid: str) -> Path:
+    """Where the kubelet under `kubelet_root` keeps a Pod's `private` emptyDir, the
+    directory QEMU's channel socket is in."""
+    return kubelet_root / "pods" / pod_uid / "volumes" / "kubernetes.io~empty-dir" / "private"
+
+
+def launcher_pod(name: str, vmi_uid: str, node: str) -> dict[str, Any]:
+    """A virt-launcher Pod of VMI `name` on `node`, with the `private` emptyDir."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": f"virt-launcher-{name}-",
+            "labels": {
+                "kubevirt.io": "virt-launcher",
+                "kubevirt.io/created-by": vmi_uid,
+                "vm.kubevirt.io/name": name,
+            },
+        },
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": False,
+            "containers": [
+                {
+                    "name": "compute",
+                    "image": LAUNCHER_IMAGE,
+                    "volumeMounts": [{"name": "private", "mountPath": PRIVATE_MOUNT}],
+                }
+            ],
+            "volumes": [{"name": "private", "emptyDir": {}}],
+        },
+    }
 
 
 class Kubelets:
@@ -66,15 +106,12 @@ class Kubelets:
 
     def channel_socket(self, node: str, pod_uid: str) -> Path:
         """Make the Pod's `private` emptyDir on `node`; the path to bind QEMU's socket at."""
-        private = (
-            self.root_of(node) / "pods" / pod_uid / "volumes" / "kubernetes.io~empty-dir"
-            / "private"
-        )  # fmt: skip
+        private = private_dir(self.root_of(node), pod_uid)
         private.mkdir(parents=True, exist_ok=True)
         link = self.root / "l" / str(next(self._links))
         link.parent.mkdir(exist_ok=True)
         link.symlink_to(private)
-        return link / CHANNEL_PATH.rsplit("/", 1)[1]
+        return link / SOCKET_NAME
 
     def close(self) -> None:
         if self._owned:
@@ -144,17 +181,23 @@ class KubeVirt:
         path = VMGROUPS.path(self.namespace, name)
         self.api.call("patch", VMGROUPS, path, body={"spec": spec}, content_type=MERGE_PATCH)
 
-    def create_vm(self, name: str, group: str) -> dict[str, Any]:
-        """A VirtualMachine labelled into `group` (its template too, as the operator's
-        mutating webhook would make it when it does not run)."""
-        labels = {"vmha.io/group": group}
+    def create_vm(
+        self, name: str, group: str | None, *, annotations: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """A VirtualMachine labelled into `group` unless None (its template too, as the
+        operator's mutating webhook would make it when it does not run), with `annotations`
+        on its template."""
+        labels = {"vmha.io/group": group} if group else {}
+        template_metadata: dict[str, Any] = {"labels": labels}
+        if annotations:
+            template_metadata["annotations"] = dict(annotations)
         body = {
             "apiVersion": "kubevirt.io/v1",
             "kind": "VirtualMachine",
             "metadata": {"name": name, "labels": labels},
             "spec": {
                 "runStrategy": "Always",
-                "template": {"metadata": {"labels": labels}, "spec": {"domain": {"devices": {}}}},
+                "template": {"metadata": template_metadata, "spec": {"domain": {"devices": {}}}},
             },
         }
         result: dict[str, Any] = self.api.call("create", VMS, VMS.path(self.namespace), body=body)
@@ -165,6 +208,8 @@ class KubeVirt:
         launcher Pod; virt-handler's part: Running and Ready."""
         vm = self.vm(name)
         template = vm["spec"]["template"]
+        metadata = template.get("metadata", {})
+        annotations = {**OBSERVED_API_VERSION, **(metadata.get("annotations") or {})}
         owner = {
             "apiVersion": "kubevirt.io/v1",
             "kind": "VirtualMachine",
@@ -176,7 +221,12 @@ class KubeVirt:
         body = {
             "apiVersion": "kubevirt.io/v1",
             "kind": "VirtualMachineInstance",
-            "metadata": {**template.get("metadata", {}), "name": name, "ownerReferences": [owner]},
+            "metadata": {
+                **metadata,
+                "name": name,
+                "annotations": annotations,
+                "ownerReferences": [owner],
+            },
             "spec": template["spec"],
         }
         vmi = self.api.call("create", VMIS, VMIS.path(self.namespace), body=body)
@@ -187,41 +237,20 @@ class KubeVirt:
         self.members[name] = member
         return member
 
+    def start_members(self, group: str, placement: Mapping[str, str]) -> list[Member]:
+        """A VM in `group` for each name in `placement`, running on the node it maps to."""
+        members = []
+        for name, node in placement.items():
+            self.create_vm(name, group)
+            members.append(self.start_vmi(name, node))
+        return members
+
     def create_launcher(self, name: str, node: str, vmi: dict[str, Any] | None = None) -> Launcher:
         """A virt-launcher Pod for VMI `name` on `node`, with the `private` emptyDir the
         channel lives in (a migration target is a second one)."""
         uid = (vmi or self.require_vmi(name))["metadata"]["uid"]
-        pod = self.api.call(
-            "create",
-            PODS,
-            PODS.path(self.namespace),
-            body={
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "generateName": f"virt-launcher-{name}-",
-                    "labels": {
-                        "kubevirt.io": "virt-launcher",
-                        "kubevirt.io/created-by": uid,
-                        "vm.kubevirt.io/name": name,
-                    },
-                },
-                "spec": {
-                    "nodeName": node,
-                    "automountServiceAccountToken": False,
-                    "containers": [
-                        {
-                            "name": "compute",
-                            "image": LAUNCHER_IMAGE,
-                            "volumeMounts": [
-                                {"name": "private", "mountPath": CHANNEL_PATH.rsplit("/", 1)[0]}
-                            ],
-                        }
-                    ],
-                    "volumes": [{"name": "private", "emptyDir": {}}],
-                },
-            },
-        )
+        body = launcher_pod(name, uid, node)
+        pod = self.api.call("create", PODS, PODS.path(self.namespace), body=body)
         pod_uid = str(pod["metadata"]["uid"])
         socket = self.kubelets.channel_socket(node, pod_uid)
         return Launcher(str(pod["metadata"]["name"]), pod_uid, node, socket)
@@ -267,6 +296,20 @@ class KubeVirt:
         vmi = self.vmi(name) or {}
         raw = ((vmi.get("metadata") or {}).get("annotations") or {}).get(HEARTBEAT_ANNOTATION)
         return json.loads(raw) if raw else None
+
+    def wait_heartbeat(
+        self, name: str, state: str, *, node: str | None = None, timeout: float = 60.0
+    ) -> dict[str, Any]:
+        """Wait until the heartbeat annotation shows `state` (written by `node`'s agent, if
+        given); the annotation."""
+
+        def shown() -> dict[str, Any] | None:
+            value = self.heartbeat(name)
+            if value is None or value["state"] != state:
+                return None
+            return value if node in (None, value["node"]) else None
+
+        return eventually(shown, f"{name} annotated {state}", timeout)
 
     def events(self, name: str | None = None, reason: str | None = None) -> list[dict[str, Any]]:
         """Events about object `name` (any if None) with `reason` (any if None)."""

@@ -20,21 +20,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from subprocess import Popen
-from types import TracebackType
 from typing import Any, Self
 
 import yaml
 
-from vmha_testbed import children
+from vmha_testbed.children import Child, Runner
+from vmha_testbed.loopback import HttpProbe, free_port, http_get
 
 PROMETHEUS_ENV = "VMHA_PROMETHEUS"
 START_TIMEOUT = 60.0
@@ -43,7 +38,7 @@ HTTP_TIMEOUT = 10.0
 
 
 class PrometheusError(RuntimeError):
-    """Prometheus did not start, exited, or its API answered with an error."""
+    """Prometheus is not installed, or its API answered with an error."""
 
 
 @dataclass(frozen=True)
@@ -64,13 +59,7 @@ def prometheus_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class PrometheusServer:
+class PrometheusServer(Runner):
     def __init__(
         self,
         workdir: Path,
@@ -91,7 +80,7 @@ class PrometheusServer:
         self.port = 0
         self.log_path = workdir / "prometheus.log"
         self._targets_path = workdir / "targets.json"
-        self._process: Popen[bytes] | None = None
+        self._child = Child("prometheus", self.log_path)
 
     @property
     def url(self) -> str:
@@ -99,18 +88,17 @@ class PrometheusServer:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._child.running
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, timeout: float = START_TIMEOUT) -> Self:
-        if self._process is not None:
-            raise PrometheusError("already started")
+        """Start it; ChildError (with its log's end) if it exits or is not ready in time."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self._targets_path.exists():
             self.set_targets([])
         config_path = self._write_config()
-        self.port = _free_port()
+        self.port = free_port()
         argv = [
             prometheus_binary(),
             f"--config.file={config_path}",
@@ -118,30 +106,17 @@ class PrometheusServer:
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--log.level=warn",
         ]
-        with self.log_path.open("ab") as log:
-            self._process = children.spawn(argv, output=log)
+        self._child.start(argv)
         try:
-            self._wait_ready(timeout)
+            # /-/ready answers 503 while Prometheus starts.
+            self._child.wait_until(HttpProbe(f"{self.url}/-/ready", timeout=2), "ready", timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            children.stop(process, timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        self._child.stop(timeout)
 
     def set_targets(self, targets: Sequence[ScrapeTarget]) -> None:
         """Scrape exactly these from now on (a running Prometheus notices within seconds)."""
@@ -152,9 +127,7 @@ class PrometheusServer:
         staging.replace(self._targets_path)  # never a half-written file to read
 
     def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return self._child.log_tail(lines)
 
     # -- the HTTP API ----------------------------------------------------------------------
 
@@ -185,11 +158,10 @@ class PrometheusServer:
         """GET /api/v1/<endpoint>; its `data`. Raises PrometheusError on an error answer."""
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
         url = f"{self.url}/api/v1/{endpoint}{query}"
-        try:
-            with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT) as response:
-                answer = json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            raise PrometheusError(f"{url}: {error.code} {error.read()[:500]!r}") from None
+        status, body = http_get(url, timeout=HTTP_TIMEOUT)
+        if status != 200:
+            raise PrometheusError(f"{url}: {status} {body[:500]!r}")
+        answer = json.loads(body)
         if answer.get("status") != "success":
             raise PrometheusError(f"{url}: {answer}")
         return answer["data"]
@@ -219,23 +191,6 @@ class PrometheusServer:
         path = self.workdir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.running:
-                raise PrometheusError(f"prometheus exited:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass  # not listening yet, or 503 while starting
-            if time.monotonic() > deadline:
-                raise PrometheusError(
-                    f"prometheus not ready within {timeout:.0f} s:\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
 
 
 def _duration(seconds: float) -> str:
