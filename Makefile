@@ -41,6 +41,7 @@ demo: system-deps dev toolchain
 
 bench: system-deps dev
 	$(PY) -m bench.heartbeat
+	$(PY) -m bench.heartbeat.floor
 	$(PY) -m bench.cluster
 	$(PY) -m bench.messaging
 
