@@ -14,7 +14,9 @@ from pydantic import BaseModel
 from vmha_protocol import (
     AppGroup,
     FrameDecoder,
+    Inbound,
     ProtocolError,
+    decode_canonical_heartbeat,
     decode_from_guest,
     decode_from_host,
     encode,
@@ -283,3 +285,94 @@ def test_nack_text_is_cut_to_the_limit_and_foreign_text_has_no_reason() -> None:
     assert nack_reason("bogus-code: x") is None
     assert NackReason.NOT_REGISTERED.asks_to_register
     assert not NackReason.RATE_LIMITED.asks_to_register
+
+
+# --- the one-pass path for canonical heartbeat frames -----------------------------------
+
+
+def decoded_by_parsing(line: bytes) -> Inbound[Any] | ProtocolError | None:
+    """What the general path makes of a frame: None if it is not a JSON object."""
+    objects = FrameDecoder().feed(line + b"\n")
+    if not objects:
+        return None
+    try:
+        return decode_from_guest(objects[0])
+    except ProtocolError as error:
+        return error
+
+
+@pytest.mark.parametrize("original", [False, True], ids=["vmha", "cgcs"])
+@pytest.mark.parametrize("message", GUEST_HEARTBEAT, ids=repr)
+def test_canonical_heartbeat_frames_take_the_one_pass_path(
+    message: BaseModel, original: bool
+) -> None:
+    line = encode(default_address(AppGroup.HEARTBEAT, original=original), message).strip()
+    fast = decode_canonical_heartbeat(line)
+    assert fast is not None
+    assert fast == decoded_by_parsing(line)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # the same message with other formatting, key order or extra keys
+        b'{"version":1,"source_addr":"vmha.heartbeat","dest_addr":"vmha.heartbeat", "data":'
+        b'{"invocation_id":7,"msg_type":"exit"}}',
+        b'{"version":1,"source_addr":"vmha.heartbeat","dest_addr":"vmha.heartbeat","data":'
+        b'{"msg_type":"exit","version":3,"revision":1,"sequence":0,"invocation_id":7,'
+        b'"log_msg":""}}',
+        b'{"version":1,"source_addr":"vmha.heartbeat","dest_addr":"vmha.heartbeat","data":'
+        b'{"version":3,"revision":1,"sequence":0,"invocation_id":7,"msg_type":"exit",'
+        b'"log_msg":"","later":NaN}}',
+        # a boolean version, an escaped character, a server group frame, invalid messages
+        b'{"version":true,"source_addr":"vmha.heartbeat","dest_addr":"vmha.heartbeat","data":'
+        b'{"version":3,"revision":1,"sequence":0,"invocation_id":7,"msg_type":"exit",'
+        b'"log_msg":""}}',
+        b'{"version":1,"source_addr":"vmha.heartbeat","dest_addr":"vmha.heartbeat","data":'
+        b'{"version":3,"revision":1,"sequence":0,"invocation_id":7,"msg_type":"exit",'
+        b'"log_msg":"\\u0062ye"}}',
+        encode("vmha.server_group", StatusQuery(seq=3)).strip(),
+        b'{"version":1,"source_addr":"vmha.heartbeat","dest_addr":"vmha.heartbeat","data":'
+        b'{"version":3,"revision":1,"sequence":0,"invocation_id":-1,"msg_type":"exit",'
+        b'"log_msg":""}}',
+        b'{"version":1,"source_addr":"vmha.heartbeat","dest_addr":"vmha.heartbeat","data":'
+        b'{"version":3,"revision":1,"sequence":0,"invocation_id":7,"msg_type":"exit",'
+        b'"log_msg":"' + b"\\u0001" * 200 + b'"}}',
+    ],
+)
+def test_other_frames_are_left_to_the_general_path(line: bytes) -> None:
+    assert decode_canonical_heartbeat(line) is None
+
+
+guest_heartbeat_messages = st.one_of(
+    st.builds(
+        ChallengeResponse,
+        invocation_id=st.integers(0, 2**40),
+        sequence=st.integers(0, 2**40),
+        heartbeat_response=st.integers(0, 2**32 - 1),
+        heartbeat_health=st.sampled_from(["healthy", "unhealthy"]),
+        corrective_action=st.sampled_from(["none", "reboot", "stop", "log"]),
+        log_msg=st.text(max_size=50),
+    ),
+    st.builds(Exit, invocation_id=st.integers(0, 2**40), log_msg=st.text(max_size=50)),
+)
+
+
+@given(guest_heartbeat_messages, st.sampled_from(sorted(KNOWN_ADDRESSES)))
+def test_the_one_pass_path_agrees_with_the_general_path(message: BaseModel, address: str) -> None:
+    line = encode(address, message).strip()
+    general = decoded_by_parsing(line)
+    # Every heartbeat message `encode` writes, and only those the general path accepts.
+    expected = (
+        general if isinstance(general, Inbound) and general.group is AppGroup.HEARTBEAT else None
+    )
+    assert decode_canonical_heartbeat(line) == expected
+
+
+@given(st.binary(max_size=300) | json_any.map(lambda v: json.dumps(v).encode()))
+def test_the_one_pass_path_takes_no_frame_the_general_path_decodes_otherwise(
+    line: bytes,
+) -> None:
+    fast = decode_canonical_heartbeat(line.strip())
+    if fast is not None:
+        assert fast == decoded_by_parsing(line.strip())

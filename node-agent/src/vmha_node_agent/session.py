@@ -34,7 +34,10 @@ from vmha_node_agent.transport import GuestChannel
 from vmha_protocol import (
     AppGroup,
     FrameDecoder,
+    GuestMessage,
+    Inbound,
     ProtocolError,
+    decode_canonical_heartbeat,
     decode_from_guest,
     default_address,
     encode,
@@ -226,17 +229,22 @@ class VMSession:
         log.info("%s: channel lost: %s", self.vm, reason, extra=self._log_fields())
 
     def channel_data(self, data: bytes) -> None:
-        decoded = self._decoder.stats
+        decoder = self._decoder
+        decoded = decoder.stats
         before = (decoded.garbage, decoded.oversize)
-        objects = self._decoder.feed(data)
+        for line in decoder.lines(data):
+            # The common frame — a heartbeat message as `encode` writes it — in one pass;
+            # anything else parsed and decoded with full diagnostics.
+            inbound = decode_canonical_heartbeat(line)
+            if inbound is not None:
+                decoder.count_frame()
+                if self._within_frame_budget():
+                    self._handle(inbound)
+            elif (obj := decoder.parse(line)) is not None and self._within_frame_budget():
+                self._dispatch(obj)
         frames = self.stats.frames
         frames["garbage"] += decoded.garbage - before[0]
         frames["oversize"] += decoded.oversize - before[1]
-        for obj in objects:
-            if not self._frame_budget.try_take():
-                frames["rate_limited"] += 1
-                continue
-            self._dispatch(obj)
 
     # -- HeartbeatObserver ----------------------------------------------------------------
 
@@ -291,6 +299,12 @@ class VMSession:
     def state(self) -> HeartbeatState:
         return self.heartbeat.state
 
+    def _within_frame_budget(self) -> bool:
+        if self._frame_budget.try_take():
+            return True
+        self.stats.frames["rate_limited"] += 1
+        return False
+
     def _dispatch(self, obj: dict[str, Any]) -> None:
         try:
             inbound = decode_from_guest(obj)
@@ -303,6 +317,9 @@ class VMSession:
                 error = self._server_group.invalid(self, error, data)
             self._nack(error)
             return
+        self._handle(inbound)
+
+    def _handle(self, inbound: Inbound[GuestMessage]) -> None:
         if inbound.group is AppGroup.SERVER_GROUP:
             # A valid frame, whatever the messenger makes of it (its refusals are counted
             # in the messaging metrics).

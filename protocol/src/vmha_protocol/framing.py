@@ -43,14 +43,34 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Consume bytes; return every complete, well-formed JSON object they finish."""
+        return [obj for line in self.lines(data) if (obj := self.parse(line)) is not None]
+
+    def lines(self, data: bytes) -> list[bytes]:
+        """Consume bytes; return every complete frame they finish, unparsed: within the
+        size limit, without its delimiters and surrounding white space, not empty. Each
+        goes to `parse` (or is counted with `count_frame` by a caller that parsed it)."""
         self.stats.bytes += len(data)
-        objects: list[dict[str, Any]] = []
+        lines: list[bytes] = []
         start = 0
         while (end := data.find(FRAME_DELIMITER, start)) >= 0:
-            self._complete_line(data[start:end], objects)
+            line = self._complete_line(data[start:end])
+            if line is not None:
+                lines.append(line)
             start = end + 1
         self._keep_partial(data[start:])
-        return objects
+        return lines
+
+    def parse(self, line: bytes) -> dict[str, Any] | None:
+        """A frame from `lines` as a JSON object; None (counted as garbage) if it is not one."""
+        parsed = _parse_object(line)
+        if parsed is None:
+            self.stats.garbage += 1
+            return None
+        self.count_frame()
+        return parsed
+
+    def count_frame(self) -> None:
+        self.stats.frames += 1
 
     def reset(self) -> None:
         """Forget a partial frame, e.g. when the peer reconnects."""
@@ -66,25 +86,20 @@ class FrameDecoder:
             self._discarding = True
             self.stats.oversize += 1
 
-    def _complete_line(self, tail: bytes, objects: list[dict[str, Any]]) -> None:
+    def _complete_line(self, tail: bytes) -> bytes | None:
         if self._discarding:
             self._discarding = False  # the oversize frame ends here; resynchronised
-            return
+            return None
         line = bytes(self._pending) + tail if self._pending else tail
         self._pending.clear()
         if len(line) > self.max_frame_bytes:
             self.stats.oversize += 1
-            return
+            return None
         line = line.strip()
         if not line:
             self.stats.empty_lines += 1
-            return
-        parsed = _parse_object(line)
-        if parsed is None:
-            self.stats.garbage += 1
-            return
-        self.stats.frames += 1
-        objects.append(parsed)
+            return None
+        return line
 
 
 # Built once: json.loads with arguments would build a new decoder for every frame.

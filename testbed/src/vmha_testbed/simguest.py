@@ -267,9 +267,10 @@ class SimulatedGuest:
     def _answer_lean(self, data: dict[str, Any]) -> None:
         if self.behaviour is Behaviour.SILENT or self._writer is None:
             return
+        # The bytes `encode` writes for the ChallengeResponse, as the guest daemon sends it.
         body = {
-            "version": 3, "revision": 1, "sequence": 0, "msg_type": "challenge_response",
-            "invocation_id": data["invocation_id"],
+            "version": 3, "revision": 1, "sequence": 0,
+            "invocation_id": data["invocation_id"], "msg_type": "challenge_response",
             "heartbeat_response": data["heartbeat_challenge"],
             "heartbeat_health": self.behaviour.value, "corrective_action": self.corrective_action,
             "log_msg": self.log_msg,
