@@ -30,7 +30,13 @@ import yaml
 from vmha_protocol.heartbeat import ActionNotify, Challenge, HeartbeatNack
 from vmha_protocol.nack import NackReason, nack_reason
 from vmha_testbed.agentproc import AgentProcess
-from vmha_testbed.cluster import AGENT_ACCOUNT, admin_api, merged, service_accounts
+from vmha_testbed.cluster import (
+    AGENT_ACCOUNT,
+    FAST_AGENT_CONFIG,
+    admin_api,
+    merged,
+    service_accounts,
+)
 from vmha_testbed.controlplane import ControlPlane
 from vmha_testbed.guestloop import GuestLoop
 from vmha_testbed.kubevirt import Kubelets, KubeVirt
@@ -44,19 +50,11 @@ INTERVAL_MS = 400
 AGENT_NAMESPACE = "vmha-system"
 FAULT_REASONS = {"HeartbeatFailed", "HeartbeatMissed", "HeartbeatUnhealthy"}
 
-# Fast settings so that the tests take seconds; the structure is the production one.
-AGENT_CONFIG: dict[str, Any] = {
-    "heartbeat": {"min_interval_ms": 50, "missed_threshold": 2},
-    "channel": {"reconnect_initial_s": 0.05, "reconnect_max_s": 0.5},
-    "kubernetes": {
-        "socket_poll_s": 0.2,
-        "retry_initial_s": 0.2,
-        "retry_max_s": 2.0,
-        "watch_timeout_s": 60,
-        "request_timeout_s": 10.0,
-    },
-    "events": {"series_update_s": 0.5},
-}
+# The testbed's fast settings; a lower threshold so that faults come sooner.
+AGENT_CONFIG = merged(
+    FAST_AGENT_CONFIG,
+    {"heartbeat": {"missed_threshold": 2}, "events": {"series_update_s": 0.5}},
+)
 
 
 class PausableProxy:
